@@ -15,7 +15,8 @@ COMMAND_MODULES = [
     "safetyheads.cli.cmd_engine",    # surgery
     "safetyheads.cli.cmd_scores",    # ships, gships, sahara, screen
     "safetyheads.cli.cmd_evaluate",  # evaluate
-    "safetyheads.cli.cmd_report",    # figure, report, demo
+    "safetyheads.cli.cmd_report",    # figure, report
+    "safetyheads.cli.cmd_demo",      # demo: the whole method end to end
 ]
 
 
