@@ -1,0 +1,229 @@
+"""Data parallelism over ablation configurations with `torch.distributed`.
+
+A full head map is L×H independent ablations. Under `torchrun` or `accelerate launch` every
+process (rank) runs the same command; this module lets each rank take a disjoint, cost-balanced
+shard of the ablation configurations, and puts the per-configuration results back together in
+the original order so that rank 0 writes exactly the files a single process writes.
+
+Nothing here is home-made communication: it is `torch.distributed` (gloo on CPU, nccl on CUDA)
+initialised from the environment variables the launchers set (`RANK`, `WORLD_SIZE`,
+`LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`). Without those variables everything degrades to a
+single process: `shard` returns every index and `gather` returns its input.
+
+Cost model: the engine computes the clean residual stream once and replays only the decoder
+layers from the first ablated layer on, so a configuration whose lowest ablated layer is l costs
+L - l layer passes (a head in layer 0 costs the whole model, one in the last layer a single
+layer). Shards are balanced on that cost, not on the number of configurations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+Head = tuple[int, int]
+T = TypeVar("T")
+
+__all__ = [
+    "DistInfo",
+    "info",
+    "init",
+    "is_main",
+    "local_device",
+    "config_cost",
+    "shard",
+    "shard_configs",
+    "gather",
+    "map_configs",
+    "broadcast",
+    "barrier",
+    "shutdown",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job. `world_size == 1` means no data parallelism."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+def info() -> DistInfo:
+    """This process's rank and world size: from the live process group when there is one, else
+    from the launcher's environment variables (torchrun and `accelerate launch` both set
+    RANK / WORLD_SIZE / LOCAL_RANK), else a single process."""
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+    return DistInfo(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), local_rank)
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the one that writes files and shows progress."""
+    return info().is_main
+
+
+def _wants_cuda(device: str | torch.device | None) -> bool:
+    if device is None or str(device) == "auto":
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def local_device(device: str | torch.device | None = "auto") -> str:
+    """The device this rank should use: `cuda` / `auto` become `cuda:LOCAL_RANK` in a multi-process
+    job, so that the processes of one node each take their own GPU. Anything else is unchanged."""
+    d = info()
+    if d.enabled and _wants_cuda(device):
+        dev = device if device is not None and str(device) != "auto" else "cuda"
+        if torch.device(dev).index is None:
+            return f"cuda:{d.local_rank}"
+    return "auto" if device is None else str(device)
+
+
+def init(device: str | torch.device | None = "auto", *, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group the launcher set up, if any; idempotent.
+
+    Backend: nccl when this rank computes on CUDA, gloo otherwise (CPU, tests). Does nothing for
+    a single process (no WORLD_SIZE > 1 in the environment), so callers can call it always."""
+    d = info()
+    if not d.enabled or not dist.is_available() or dist.is_initialized():
+        return d
+    cuda = _wants_cuda(device)
+    if cuda:
+        torch.cuda.set_device(d.local_rank)
+    dist.init_process_group(
+        backend="nccl" if cuda else "gloo",
+        init_method="env://",
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return info()
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a command); harmless when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj: T, src: int = 0) -> T:
+    """Rank `src`'s value of a picklable object, on every rank (a decision rank 0 made, e.g. the
+    next Sahara head). Identity in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def config_cost(config: Sequence[Head], n_layers: int) -> int:
+    """Layer passes an ablation costs under prefix reuse: L - (lowest ablated layer).
+    The empty configuration (the clean model) is already computed by the clean pass: cost 0."""
+    if len(config) == 0:
+        return 0
+    return n_layers - min(layer for layer, _ in config)
+
+
+def shard(costs: Sequence[float], world_size: int | None = None, rank: int | None = None) -> list[int]:
+    """Indices of the items this rank computes, balanced on `costs`.
+
+    Longest-processing-time-first greedy: items in decreasing cost go to the currently least
+    loaded rank (ties: lower rank). Deterministic (ties between equal costs broken by index), so
+    every rank computes the same assignment without talking to the others. The ranks' index sets
+    are disjoint and cover every item; each returned list is sorted ascending, so a rank's
+    configurations keep the single-process order (layer by layer for a head map)."""
+    d = info()
+    world_size = d.world_size if world_size is None else world_size
+    rank = d.rank if rank is None else rank
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    if world_size == 1:
+        return list(range(len(costs)))
+    load = [0.0] * world_size
+    mine: list[int] = []
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        target = min(range(world_size), key=lambda r: (load[r], r))
+        load[target] += costs[i]
+        if target == rank:
+            mine.append(i)
+    return sorted(mine)
+
+
+def shard_configs(
+    configs: Sequence[Sequence[Head]], n_layers: int, world_size: int | None = None, rank: int | None = None
+) -> list[int]:
+    """`shard` with each configuration costed by `config_cost`."""
+    return shard([config_cost(c, n_layers) for c in configs], world_size, rank)
+
+
+def gather(local_indices: Sequence[int], local_results: torch.Tensor, total: int) -> torch.Tensor:
+    """Reassemble per-item results computed on every rank into one tensor in the original order.
+
+    `local_results[k]` is the result for item `local_indices[k]`; the return value is a CPU tensor
+    `[total, ...]` on every rank (all ranks get it so that a decision depending on all results —
+    Sahara's best head — is the same everywhere; rank 0 alone should write it). The values are
+    moved, not recomputed, so the merged tensor is bit-for-bit what the ranks computed."""
+    local_results = local_results.detach().cpu()
+    if len(local_indices) != local_results.shape[0]:
+        raise ValueError(f"{len(local_indices)} indices but {local_results.shape[0]} results")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        parts = [(list(local_indices), local_results)]
+    else:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (list(local_indices), local_results))
+    # Shape / dtype from a non-empty part (a rank may have had nothing to do).
+    template = next((r for _, r in parts if r.shape[0] > 0), local_results)
+    merged = torch.empty((total, *template.shape[1:]), dtype=template.dtype)
+    seen = torch.zeros(total, dtype=torch.bool)
+    for indices, results in parts:
+        if len(indices) == 0:
+            continue
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if seen[idx].any():
+            raise RuntimeError("two ranks computed the same configuration: inconsistent sharding")
+        merged[idx] = results.to(template.dtype)
+        seen[idx] = True
+    if not bool(seen.all()):
+        raise RuntimeError(f"{int((~seen).sum())} of {total} configurations were computed by no rank")
+    return merged
+
+
+def map_configs(
+    configs: Sequence[Sequence[Head]],
+    n_layers: int,
+    compute: Callable[[list[Sequence[Head]]], torch.Tensor],
+) -> torch.Tensor:
+    """Run `compute` on this rank's cost-balanced shard of `configs` and return every
+    configuration's result, in the order of `configs`, on every rank.
+
+    `compute(list_of_configs) -> Tensor [len(list), ...]` must give each configuration's result
+    independently of which other configurations share its call (true of per-head scores). Single
+    process: exactly `compute(list(configs))`."""
+    indices = shard_configs(configs, n_layers)
+    local = [configs[i] for i in indices]
+    results = compute(local)
+    return gather(indices, results, len(configs))

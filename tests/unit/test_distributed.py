@@ -1,0 +1,159 @@
+"""Sharding, merging and the gloo process group of `safetyheads.distributed` (no model needed).
+
+The 2-process tests start real processes with `torch.multiprocessing` and a real gloo group, the
+same backend CI and CPU users get under torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from safetyheads import distributed as D
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _single_process_env(monkeypatch):
+    """Tests run as one process unless they say otherwise, whatever launched pytest."""
+    for name in DIST_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def head_map(n_layers: int, n_heads: int) -> list[list[tuple[int, int]]]:
+    return [[(layer, head)] for layer in range(n_layers) for head in range(n_heads)]
+
+
+# --- cost model and sharding -------------------------------------------------------------------
+
+
+def test_config_cost_is_layers_replayed():
+    assert D.config_cost([(0, 3)], 30) == 30
+    assert D.config_cost([(29, 0)], 30) == 1
+    # A group replays from its lowest layer.
+    assert D.config_cost([(12, 1), (5, 0), (20, 2)], 30) == 25
+    assert D.config_cost([], 30) == 0
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shards_are_disjoint_cover_everything_and_keep_order(world):
+    configs = head_map(30, 9)
+    shards = [D.shard_configs(configs, 30, world, r) for r in range(world)]
+    flat = [i for s in shards for i in s]
+    assert sorted(flat) == list(range(len(configs)))
+    for s in shards:
+        assert s == sorted(s)
+
+
+@pytest.mark.parametrize("n_layers,n_heads,world", [(30, 9, 2), (32, 32, 8), (24, 14, 3), (5, 2, 4)])
+def test_shards_are_balanced_by_cost_not_by_count(n_layers, n_heads, world):
+    configs = head_map(n_layers, n_heads)
+    costs = [D.config_cost(c, n_layers) for c in configs]
+    loads = [sum(costs[i] for i in D.shard_configs(configs, n_layers, world, r)) for r in range(world)]
+    # Greedy LPT: no rank is more than one item's cost above another.
+    assert max(loads) - min(loads) <= max(costs)
+    # And far better than that on a real head map: within 2% of the ideal share.
+    if len(configs) >= 50 * world:
+        assert max(loads) <= 1.02 * sum(costs) / world
+
+
+def test_naive_contiguous_split_would_be_unbalanced():
+    """Why cost matters: halving a head map by count gives the first rank ~3x the work."""
+    configs = head_map(32, 32)
+    costs = [D.config_cost(c, 32) for c in configs]
+    first_half = sum(costs[: len(costs) // 2])
+    second_half = sum(costs[len(costs) // 2:])
+    assert first_half > 2.5 * second_half
+    balanced = [sum(costs[i] for i in D.shard_configs(configs, 32, 2, r)) for r in range(2)]
+    assert max(balanced) < 0.51 * sum(costs)
+
+
+def test_shard_is_deterministic_and_checks_rank():
+    costs = [3, 1, 4, 1, 5, 9, 2, 6]
+    assert D.shard(costs, 3, 1) == D.shard(list(costs), 3, 1)
+    with pytest.raises(ValueError):
+        D.shard(costs, 2, 2)
+
+
+def test_single_process_defaults(monkeypatch):
+    assert D.info() == D.DistInfo(0, 1, 0)
+    assert D.is_main()
+    assert D.init("cpu") == D.DistInfo(0, 1, 0)  # no launcher: no process group
+    assert D.shard([1, 2, 3]) == [0, 1, 2]
+    assert D.broadcast({"a": 1}) == {"a": 1}
+    out = D.map_configs(head_map(3, 2), 3, lambda cs: torch.tensor([float(c[0][0] * 10 + c[0][1]) for c in cs]))
+    assert out.tolist() == [0.0, 1.0, 10.0, 11.0, 20.0, 21.0]
+
+
+def test_launcher_environment_is_read(monkeypatch):
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    d = D.info()
+    assert (d.rank, d.world_size, d.local_rank, d.enabled, d.is_main) == (5, 8, 1, True, False)
+    assert D.local_device("cuda") == "cuda:1"
+    assert D.local_device("cuda:3") == "cuda:3"  # an explicit index is the user's choice
+    assert D.local_device("cpu") == "cpu"
+
+
+def test_gather_single_process_reorders_and_checks():
+    merged = D.gather([2, 0, 1], torch.tensor([[2.0], [0.0], [1.0]]), 3)
+    assert merged.tolist() == [[0.0], [1.0], [2.0]]
+    with pytest.raises(RuntimeError, match="computed by no rank"):
+        D.gather([0, 1], torch.zeros(2), 3)
+    with pytest.raises(ValueError):
+        D.gather([0, 1], torch.zeros(3), 3)
+
+
+# --- a real 2-process gloo group -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _score(configs) -> torch.Tensor:
+    """A per-configuration 'score' with awkward float bits, independent of its neighbours."""
+    # [len(configs), 3]
+    return torch.stack([torch.tensor([l * 0.1 + h / 7.0, (l + 1) ** 0.5, torch.pi * h]) for (l, h), in configs])
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    d = D.init("cpu", timeout_s=60)
+    assert torch.distributed.get_backend() == "gloo"
+    configs = head_map(6, 4)
+    computed: list = []
+
+    def compute(local):
+        computed.extend(local)
+        return _score(local)
+
+    merged = D.map_configs(configs, 6, compute)
+    chosen = D.broadcast(int(merged[:, 0].argmax()) if d.is_main else -1)
+    torch.save({"rank": d.rank, "world": d.world_size, "computed": computed, "merged": merged, "chosen": chosen},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    D.barrier()
+    D.shutdown()
+
+
+def test_two_gloo_processes_merge_to_the_single_process_result(tmp_path):
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    configs = head_map(6, 4)
+    expected = _score(configs)
+    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+    # Every configuration computed exactly once, by one rank, and both ranks did work.
+    assert r0["computed"] and r1["computed"]
+    assert sorted(map(tuple, r0["computed"] + r1["computed"])) == sorted(map(tuple, configs))
+    # Both ranks hold the merged tensor, bit-identical to a single process computing everything.
+    for r in (r0, r1):
+        assert torch.equal(r["merged"], expected)
+        assert r["chosen"] == int(expected[:, 0].argmax())
