@@ -43,6 +43,7 @@ __all__ = [
     "broadcast",
     "barrier",
     "shutdown",
+    "ShardedRun",
 ]
 
 
@@ -227,3 +228,112 @@ def map_configs(
     local = [configs[i] for i in indices]
     results = compute(local)
     return gather(indices, results, len(configs))
+
+
+class ShardedRun:
+    """A run folder shared by every rank, so that an analysis written for one process runs data
+    parallel with three small additions: `open`, `plan` before its chunk loop, `sync` after it.
+
+    The chunk loop stays the single-process loop::
+
+        run = ShardedRun.open(lambda: RunDir.open(...))
+        run.plan({key: cost for each chunk})        # collective: who computes which pending chunk
+        for each chunk:
+            if not run.chunk_done(key):             # True for chunks on disk AND chunks of other ranks
+                run.write_chunk(key, compute(...))
+        run.sync()                                  # collective: rank 0 writes every rank's chunks
+        table = run.read_chunks(prefix)             # collective: rank 0 reads, every rank gets it
+
+    Whole chunks are the unit of work: each is computed by one rank exactly as a single process
+    computes it (same configurations, same sweep call), so the merged files are byte-identical to
+    a 1-process run, and resume works chunk by chunk as before. Chunks are assigned by cost
+    (`shard`, longest first), a chunk's cost being the layer passes of its configurations.
+    Only rank 0 touches the folder; `write_table`, `write_json` and `finish` are no-ops elsewhere.
+    In a single process every call goes straight to the wrapped run folder.
+    """
+
+    def __init__(self, run, dist_info: DistInfo):
+        self._run = run                      # the real RunDir on rank 0, None elsewhere
+        self._info = dist_info
+        self._skip: set[str] = set()         # chunks this rank must not compute (done, or another rank's)
+        self._pending: dict[str, object] = {}
+
+    @classmethod
+    def open(cls, open_run: Callable[[], object]) -> "ShardedRun":
+        """Call `open_run()` on rank 0 only (it creates/validates the folder). Collective: if it
+        raises a user error on rank 0, every rank raises the same message instead of hanging."""
+        from .errors import UsageError
+
+        d = info()
+        if not (dist.is_available() and dist.is_initialized()) or d.world_size == 1:
+            return cls(open_run(), d)
+        run, error = None, None
+        if d.is_main:
+            try:
+                run = open_run()
+            except Exception as exc:  # re-raised below, after the other ranks have heard of it
+                error = exc
+        message = broadcast(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise UsageError(message)
+        return cls(run, d)
+
+    @property
+    def distributed(self) -> bool:
+        return self._info.world_size > 1
+
+    @property
+    def path(self):
+        return getattr(self._run, "path", None)
+
+    def plan(self, costs: dict[str, float]) -> list[str]:
+        """Assign the pending chunks among `costs` (key -> cost) to ranks; return this rank's keys.
+        Collective. Chunks already on disk (resume) are assigned to nobody."""
+        if not self.distributed:
+            return [k for k in costs if not self._run.chunk_done(k)]
+        done = broadcast([k for k in costs if self._run.chunk_done(k)] if self._info.is_main else None)
+        pending = [k for k in costs if k not in set(done)]
+        mine = {pending[i] for i in shard([float(costs[k]) for k in pending])}
+        self._skip = set(costs) - mine
+        return [k for k in pending if k in mine]
+
+    def chunk_done(self, key: str) -> bool:
+        if not self.distributed:
+            return self._run.chunk_done(key)
+        return key in self._skip
+
+    def write_chunk(self, key: str, frame) -> None:
+        if not self.distributed:
+            self._run.write_chunk(key, frame)
+        elif self._info.is_main:
+            self._run.write_chunk(key, frame)  # persisted at once: survives a kill of the job
+        else:
+            self._pending[key] = frame
+
+    def sync(self) -> None:
+        """Collective: rank 0 writes the chunks the other ranks computed (in key order)."""
+        if not self.distributed:
+            return
+        parts: list = [None] * self._info.world_size
+        dist.all_gather_object(parts, self._pending)
+        self._pending = {}
+        if self._info.is_main:
+            received = {k: v for part in parts[1:] for k, v in part.items()}
+            for key in sorted(received):
+                self._run.write_chunk(key, received[key])
+        barrier()
+
+    def read_chunks(self, prefix: str):
+        """Collective: rank 0's `read_chunks(prefix)`, on every rank (a decision made from it, such
+        as Sahara's next head, is then the same everywhere)."""
+        if not self.distributed:
+            return self._run.read_chunks(prefix)
+        return broadcast(self._run.read_chunks(prefix) if self._info.is_main else None)
+
+    def __getattr__(self, name: str):
+        """Everything else (write_table, write_json, finish, ...) runs on rank 0 only."""
+        if self._run is not None:
+            return getattr(self._run, name)
+        return lambda *args, **kwargs: None

@@ -124,6 +124,39 @@ def _score(configs) -> torch.Tensor:
     return torch.stack([torch.tensor([l * 0.1 + h / 7.0, (l + 1) ** 0.5, torch.pi * h]) for (l, h), in configs])
 
 
+class FolderRun:
+    """The run-folder calls ShardedRun relies on, one pickle per chunk (stands in for runs.RunDir)."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+
+    def chunk_done(self, key):
+        return os.path.exists(os.path.join(self.path, key))
+
+    def write_chunk(self, key, value):
+        torch.save(value, os.path.join(self.path, key))
+
+    def read_chunks(self, prefix):
+        return {k: torch.load(os.path.join(self.path, k)) for k in sorted(os.listdir(self.path)) if k.startswith(prefix)}
+
+    def finish(self, extra):
+        torch.save(extra, os.path.join(self.path, "finished"))
+
+
+def chunk_loop(run, n_layers: int, computed: list) -> dict:
+    """An analysis written for one process: one chunk per layer, with the three ShardedRun calls."""
+    run.plan({f"L{layer}": 4 * (n_layers - layer) for layer in range(n_layers)})
+    for layer in range(n_layers):
+        if not run.chunk_done(f"L{layer}"):
+            computed.append(layer)
+            run.write_chunk(f"L{layer}", _score([[(layer, h)] for h in range(4)]))
+    run.sync()
+    chunks = run.read_chunks("L")
+    run.finish({"chunks": len(chunks)})
+    return chunks
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -138,8 +171,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     merged = D.map_configs(configs, 6, compute)
     chosen = D.broadcast(int(merged[:, 0].argmax()) if d.is_main else -1)
-    torch.save({"rank": d.rank, "world": d.world_size, "computed": computed, "merged": merged, "chosen": chosen},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    # A resumed run: layer 1 is already on disk, so nobody recomputes it.
+    folder = os.path.join(out_dir, "run")
+    if d.is_main:
+        FolderRun(folder).write_chunk("L1", _score([[(1, h)] for h in range(4)]))
+    D.barrier()
+    layers_computed: list = []
+    run = D.ShardedRun.open(lambda: FolderRun(folder))
+    chunks = chunk_loop(run, 6, layers_computed)
+    torch.save({"rank": d.rank, "world": d.world_size, "computed": computed, "merged": merged, "chosen": chosen,
+                "layers_computed": layers_computed, "chunks": chunks}, os.path.join(out_dir, f"rank{rank}.pt"))
     D.barrier()
     D.shutdown()
 
@@ -157,3 +198,15 @@ def test_two_gloo_processes_merge_to_the_single_process_result(tmp_path):
     for r in (r0, r1):
         assert torch.equal(r["merged"], expected)
         assert r["chosen"] == int(expected[:, 0].argmax())
+
+    # ShardedRun: the pending layers split between the ranks, the one on disk computed by nobody,
+    # rank 0 wrote every chunk and both ranks read back the same chunks a single process writes.
+    assert r0["layers_computed"] and r1["layers_computed"]
+    assert sorted(r0["layers_computed"] + r1["layers_computed"]) == [0, 2, 3, 4, 5]
+    single = FolderRun(str(tmp_path / "single"))
+    single_chunks = chunk_loop(D.ShardedRun.open(lambda: single), 6, [])
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(tmp_path / "single"))
+    for r in (r0, r1):
+        assert r["chunks"].keys() == single_chunks.keys()
+        assert all(torch.equal(r["chunks"][k], single_chunks[k]) for k in single_chunks)
+    assert torch.load(tmp_path / "run" / "finished") == {"chunks": 6}
