@@ -1,0 +1,96 @@
+"""Prompt formats (chat / paper / raw) and batched, left-padded tokenisation.
+
+Left padding puts every prompt's last real token at position -1, so "the next-token distribution" is always
+`logits[:, -1]`, and generation continues every row from the same column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+FORMATS = ("chat", "paper", "raw")
+
+# The paper's "template" setting, exactly as its reference implementation builds it: no space after the
+# colon, one newline (see ../shared/reference/README.md; the fidelity scores were computed on these inputs).
+PAPER_TEMPLATE = "## Query:{query}\n## Answer:"
+
+
+def format_prompts(tokenizer, prompts: list[str], fmt: str, system_prompt: str | None = None) -> list[str]:
+    """Turn plain requests into model input text.
+
+    `chat`: the tokenizer's chat template with the generation prompt (assistant turn opened), optional system
+    message; `paper`: PAPER_TEMPLATE; `raw`: the request itself."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if system_prompt is not None and fmt != "chat":
+        raise UsageError(f"--system-prompt only applies to the chat format, not {fmt!r}")
+    if fmt == "raw":
+        return list(prompts)
+    if fmt == "paper":
+        return [PAPER_TEMPLATE.format(query=q) for q in prompts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("this model's tokenizer has no chat template; use --format paper or --format raw")
+    texts = []
+    for q in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+        messages.append({"role": "user", "content": q})
+        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return texts
+
+
+@dataclass
+class Encoded:
+    """A left-padded batch. Pads have attention_mask 0 and position id 1 (as transformers' generate() does)."""
+
+    input_ids: "torch.Tensor"  # [B, T] long
+    attention_mask: "torch.Tensor"  # [B, T] long, 1 on real tokens
+    position_ids: "torch.Tensor"  # [B, T] long, 0 at each row's first real token
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> "Encoded":
+        return Encoded(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device))
+
+    def __getitem__(self, rows) -> "Encoded":
+        """A sub-batch (slice or index tensor); columns that are padding in every kept row are dropped."""
+        ids, mask, pos = self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows]
+        if ids.dim() == 1:
+            ids, mask, pos = ids[None], mask[None], pos[None]
+        real_cols = mask.any(0).nonzero()
+        start = int(real_cols[0]) if len(real_cols) else mask.shape[1]
+        return Encoded(ids[:, start:], mask[:, start:], pos[:, start:])
+
+    def as_kwargs(self) -> dict:
+        """Keyword arguments for `model(**enc.as_kwargs())` / `model.generate(...)`."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+def position_ids_from_mask(attention_mask):
+    """0 at the first real token of each row; pads get 1 (same as transformers' generate: cumsum - 1, masked fill)."""
+    pos = attention_mask.long().cumsum(-1) - 1  # [B, T]
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def encode(tokenizer, texts: list[str], device=None) -> Encoded:
+    """Tokenise `texts` as one left-padded batch.
+
+    Special tokens (e.g. a BOS) are added the way the tokenizer adds them, unless the texts already start with
+    the BOS token (chat templates that write it themselves), so a prompt never gets a second BOS."""
+    if not texts:
+        raise UsageError("no prompts to encode")
+    bos = getattr(tokenizer, "bos_token", None)
+    has_bos = bool(bos) and all(t.startswith(bos) for t in texts)
+    if tokenizer.pad_token is None:  # load_model sets one; a bare tokenizer may lack it
+        tokenizer.pad_token = tokenizer.eos_token
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(list(texts), padding=True, return_tensors="pt", add_special_tokens=not has_bos)
+    finally:
+        tokenizer.padding_side = old_side
+    mask = batch["attention_mask"].long()
+    enc = Encoded(batch["input_ids"].long(), mask, position_ids_from_mask(mask))
+    return enc.to(device) if device is not None else enc
