@@ -5,3 +5,6 @@ Public API (each CLI command calls one of these)."""
 __version__ = "0.1.0"
 
 from .errors import SafetyHeadsError, UsageError, UnsupportedModelError, DownloadError  # noqa: F401
+from .results import Study, load_study  # noqa: F401,E402  (run folders read back for display)
+from .plots import paper_figure  # noqa: F401,E402
+from .report import build_report  # noqa: F401,E402

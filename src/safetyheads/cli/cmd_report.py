@@ -1,0 +1,71 @@
+"""`safetyheads figure | report`: argument parsing only; each calls one API function
+(`plots.paper_figure`, `report.build_report`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Kept literal (not imported from plots) so building the parser does not import pandas/matplotlib.
+FORMATS = ("png", "svg", "pdf")
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def cmd_figure(args) -> int:
+    from ..plots import paper_figure
+    result = paper_figure(
+        args.runs, args.out, top=args.top, color_method=args.method_color, formats=_csv(args.formats),
+        datasets=_csv(args.datasets) if args.datasets else None,
+    )
+    _print_notes(result.notes)
+    for path in result.paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..report import build_report
+    result = build_report(args.runs, args.out, top=args.top, examples=args.examples, title=args.title)
+    _print_notes(result.notes)
+    print(f"wrote {result.path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "figure", help="the paper's figure (Generalized Ships heatmaps, top heads marked) from run folders",
+        description="Draw one panel per dataset from Generalized Ships run folders (grouped by the dataset "
+                    "and method in their manifests): colour = Generalized Ships, purple circles = top heads of "
+                    "Undifferentiated Attention, light-blue crosses = top heads of Scaling Contribution.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="gships run folders (or a folder holding them)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file; its suffix is replaced per format")
+    p.add_argument("--top", type=int, default=10, metavar="K", help="heads marked per method (default 10)")
+    p.add_argument("--method-color", default="undifferentiated", metavar="METHOD",
+                   help="whose Generalized Ships colour the cells (default undifferentiated)")
+    p.add_argument("--formats", default=",".join(FORMATS), metavar="LIST",
+                   help=f"comma-separated, from {','.join(FORMATS)} (default: all; PNG at 300 dpi)")
+    p.add_argument("--datasets", default=None, metavar="LIST",
+                   help="panels to draw, in order (default: every dataset in the runs, paper datasets first)")
+    p.set_defaults(func=cmd_figure)
+
+    p = subparsers.add_parser(
+        "report", help="one self-contained HTML report (interactive heatmaps, rankings, ASR, examples)",
+        description="Write a single HTML file that opens offline (plotly inlined) from scores and evaluation "
+                    "run folders; sections whose files are missing are skipped with a note.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="scores and/or evaluation run folders")
+    p.add_argument("--out", required=True, metavar="FILE.html", help="the HTML file to write")
+    p.add_argument("--top", type=int, default=10, metavar="K", help="rows in the ranking tables (default 10)")
+    p.add_argument("--examples", type=int, default=5, metavar="N",
+                   help="example generations per dataset, before/after (default 5)")
+    p.add_argument("--title", default=None, help="page title (default: safetyheads report: MODEL)")
+    p.set_defaults(func=cmd_report)

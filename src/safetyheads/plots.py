@@ -1,0 +1,164 @@
+"""The paper's figure: Generalized Ships heatmaps with the top safety heads marked.
+
+One panel per dataset, side by side: x = layer, y = head, colour = Generalized Ships of one method's
+run (Undifferentiated Attention by default) on a blue-to-red map, the top-K heads of Undifferentiated
+Attention as hollow purple circles and of Scaling Contribution as light-blue crosses.
+
+Built on matplotlib's object API (`Figure`, no pyplot), so importing this module never changes the
+caller's backend and the files are written by the Agg/SVG/PDF canvases directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import UsageError
+from .results import Study, dataset_title, load_study, method_title
+
+FORMATS = ("png", "svg", "pdf")
+COLORMAP = "coolwarm"
+# Marker style per method, as in the paper: purple circles and light-blue crosses.
+MARKERS = {
+    "undifferentiated": dict(marker="o", facecolors="none", edgecolors="#7b1fa2"),
+    "scaling": dict(marker="x", color="#4fc3f7"),
+}
+_OTHER_MARKERS = [dict(marker="s", facecolors="none", edgecolors="#2e7d32"), dict(marker="+", color="#f9a825")]
+
+
+@dataclass
+class FigureResult:
+    paths: list[Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def _tick_locator(n: int):
+    """Integer ticks: every index on small axes, ~8-10 round steps on large ones (24 to 80 layers)."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(nbins=min(n, 10), integer=True, steps=[1, 2, 4, 5, 10], prune=None)
+
+
+def _marker_size(ax, n_layers: int, n_heads: int) -> float:
+    """Marker diameter (points) that fits one cell: the smaller cell side, in points, times ~0.8."""
+    bbox = ax.get_position()
+    fig_w, fig_h = ax.figure.get_size_inches()
+    cell_pt = min(bbox.width * fig_w * 72 / n_layers, bbox.height * fig_h * 72 / n_heads)
+    # On 80x64 grids a cell is ~3 pt: markers then overlap their neighbours rather than vanish.
+    return float(np.clip(cell_pt * 0.78, 7.0, 16.0))
+
+
+def draw_figure(
+    study: Study,
+    *,
+    top: int = 10,
+    color_method: str = "undifferentiated",
+    datasets: Sequence[str] | None = None,
+    notes: list[str] | None = None,
+):
+    """Build the matplotlib Figure for a Study (one panel per dataset). Returns the Figure."""
+    from matplotlib import colormaps, patheffects
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    if top < 1:
+        raise UsageError(f"--top must be at least 1 (got {top})")
+    notes = notes if notes is not None else []
+    grouped = study.by_dataset()
+    if not grouped:
+        raise UsageError("no Generalized Ships results in the given run folders (generalized_ships.csv)")
+    if len(study.models) > 1:
+        raise UsageError(f"the runs come from different models ({', '.join(study.models)}); give one model's runs")
+    if datasets:
+        unknown = [d for d in datasets if d not in grouped]
+        if unknown:
+            raise UsageError(f"no scores for dataset(s) {', '.join(unknown)} (have: {', '.join(grouped)})")
+        grouped = {d: grouped[d] for d in datasets}
+
+    n = len(grouped)
+    fig = Figure(figsize=(5.6 * n + 0.4, 4.6), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    cmap = colormaps[COLORMAP].with_extremes(bad="#d9d9d9")  # grey: heads a limited run did not score
+
+    for ax, (dataset, runs) in zip(axes, grouped.items()):
+        shade = runs.get(color_method)
+        if shade is None:
+            shade = next(iter(runs.values()))
+            notes.append(f"{dataset}: no {color_method} run; colouring by {shade.method}")
+        n_layers = max(r.n_layers for r in runs.values())
+        n_heads = max(r.n_heads for r in runs.values())
+        grid = np.full((n_heads, n_layers), np.nan)  # [heads, layers]
+        g = shade.grid()
+        grid[: g.shape[0], : g.shape[1]] = g
+        image = ax.imshow(
+            np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap, interpolation="nearest",
+            extent=(-0.5, n_layers - 0.5, -0.5, n_heads - 0.5),
+        )
+        bar = fig.colorbar(image, ax=ax, pad=0.02, fraction=0.06)
+        label = "Generalized Ships" if shade.method == "undifferentiated" else f"Generalized Ships ({method_title(shade.method)})"
+        bar.set_label(label)
+
+        diameter = _marker_size(ax, n_layers, n_heads)
+        width = 1.6 if diameter >= 10 else 1.2
+        handles = []
+        extra = iter(_OTHER_MARKERS)
+        for method, run in runs.items():
+            style = MARKERS.get(method) or next(extra, _OTHER_MARKERS[-1])
+            best = run.top(top)
+            # A thin dark halo keeps light markers visible on the pale and blue cells alike.
+            halo = [patheffects.withStroke(linewidth=2 * width, foreground="#1a1a1a", alpha=0.5)]
+            ax.scatter(best["layer"], best["head"], s=diameter**2, linewidths=width, zorder=3, path_effects=halo, **style)
+            handles.append(
+                Line2D([], [], linestyle="none", markersize=7, markeredgewidth=1.6, label=method_title(method),
+                       marker=style["marker"], markerfacecolor="none",
+                       markeredgecolor=style.get("edgecolors", style.get("color")))
+            )
+        ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.85, borderpad=0.4, handletextpad=0.3)
+        ax.set_title(f"Top {top} Safety Heads on {dataset_title(dataset)}")
+        ax.set_xlabel("Layer")
+        ax.set_ylabel("Head")
+        ax.xaxis.set_major_locator(_tick_locator(n_layers))
+        ax.yaxis.set_major_locator(_tick_locator(n_heads))
+        ax.set_xlim(-0.5, n_layers - 0.5)
+        ax.set_ylim(-0.5, n_heads - 0.5)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(study.model, fontsize=9, color="#555555")
+    return fig
+
+
+def _outputs(out: Path, formats: Iterable[str]) -> list[Path]:
+    fmts = [f.strip().lower().lstrip(".") for f in formats if f.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad or not fmts:
+        raise UsageError(f"unknown figure format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    base = out.with_suffix("") if out.suffix.lower().lstrip(".") in FORMATS else out
+    return [base.with_name(f"{base.name}.{f}") for f in dict.fromkeys(fmts)]
+
+
+def paper_figure(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    top: int = 10,
+    color_method: str = "undifferentiated",
+    formats: Iterable[str] = FORMATS,
+    datasets: Sequence[str] | None = None,
+) -> FigureResult:
+    """Draw the paper's figure from scores run folders and save it as PNG (300 dpi), SVG and/or PDF.
+
+    `out` names the files (its suffix is replaced per format); runs are grouped by the dataset and
+    method recorded in their manifests. Returns the written paths and notes on anything skipped."""
+    study = load_study(run_dirs)
+    paths = _outputs(Path(out), formats)
+    notes = list(study.notes)
+    fig = draw_figure(study, top=top, color_method=color_method, datasets=datasets, notes=notes)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fmt = path.suffix.lstrip(".")
+        # No timestamps in SVG/PDF, so regenerating an unchanged figure gives an unchanged file.
+        metadata = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]
+        fig.savefig(path, dpi=300, format=fmt, metadata=metadata)
+    return FigureResult(paths=paths, notes=notes)

@@ -1,0 +1,450 @@
+"""One self-contained HTML report of a study: interactive heatmaps, rankings, Sahara steps, ASR
+before/after, helpfulness, example generations and the manifests.
+
+The page must open offline, so plotly.js is inlined once in the head and every chart is a plotly
+figure serialised into the page. Sections whose run files are missing are replaced by a note, so a
+report can be written from scores alone, from an evaluation alone, or from both.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .errors import UsageError
+from .results import (
+    EvalRun, ScoresRun, Study, dataset_order, dataset_title, load_study, manifest_field, method_title,
+)
+
+COLORSCALE = "RdBu_r"  # blue (low) to red (high), as in the paper figure
+MARKER_COLORS = {"undifferentiated": "#7b1fa2", "scaling": "#4fc3f7"}
+_PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+_OVERALL = {"", "all", "overall", "*", "total", "nan", "none"}
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "x"
+
+
+class _Page:
+    """Collects sections and notes, and gives each plotly figure a unique div id."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self._ids: set[str] = set()
+
+    def plot(self, fig, div_id: str, *, css_class: str = "", height: int | None = None) -> str:
+        div_id = _slug(div_id)
+        while div_id in self._ids:
+            div_id += "-b"
+        self._ids.add(div_id)
+        body = fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=_PLOTLY_CONFIG,
+                           default_height=f"{height}px" if height else "100%", default_width="100%")
+        return f'<div class="plot {css_class}">{body}</div>'
+
+
+def _table(df: pd.DataFrame, *, css_class: str = "", floatfmt: str = "{:.4g}") -> str:
+    """A small HTML table with every cell escaped (pandas' to_html would do, but the format of
+    floats and the escaping are easier to control by hand here)."""
+    head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
+    rows = []
+    for record in df.itertuples(index=False):
+        cells = []
+        for value in record:
+            if isinstance(value, (float, np.floating)):
+                text = "" if np.isnan(value) else floatfmt.format(value)
+                cells.append(f'<td class="num">{_e(text)}</td>')
+            elif isinstance(value, (int, np.integer)):
+                cells.append(f'<td class="num">{value}</td>')
+            else:
+                cells.append(f"<td>{_e(value)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+# ---------------------------------------------------------------- scores
+
+
+def _hover_cells(runs: dict[str, ScoresRun], n_layers: int, n_heads: int) -> np.ndarray:
+    """[heads, layers, methods] strings: "score (rank r)" under each method, for the hover label."""
+    out = np.full((n_heads, n_layers, len(runs)), "not scored", dtype=object)
+    for m, run in enumerate(runs.values()):
+        df = run.gships
+        for layer, head, score, rank in zip(df["layer"], df["head"], df["score"], df["rank"]):
+            out[head, layer, m] = f"{score:.4g} (rank {rank})"
+    return out
+
+
+def _heatmap(page: _Page, dataset: str, method: str, runs: dict[str, ScoresRun], top: int) -> str:
+    import plotly.graph_objects as go
+
+    run = runs[method]
+    n_layers = max(r.n_layers for r in runs.values())
+    n_heads = max(r.n_heads for r in runs.values())
+    z = np.full((n_heads, n_layers), np.nan)  # [heads, layers]
+    g = run.grid()
+    z[: g.shape[0], : g.shape[1]] = g
+    custom = _hover_cells(runs, n_layers, n_heads)  # [heads, layers, methods]
+    lines = [f"{_e(method_title(m))}: %{{customdata[{i}]}}" for i, m in enumerate(runs)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=np.where(np.isnan(z), None, z).tolist(), x=list(range(n_layers)), y=list(range(n_heads)),
+            customdata=custom.tolist(), colorscale=COLORSCALE, colorbar=dict(title=dict(text="Generalized Ships")),
+            hovertemplate="Layer %{x}, Head %{y}<br>" + "<br>".join(lines) + "<extra></extra>",
+            xgap=0, ygap=0, name=method_title(method),
+        )
+    )
+    for m, other in runs.items():
+        best = other.top(top)
+        symbol = "circle-open" if m == "undifferentiated" else "x-thin-open" if m == "scaling" else "square-open"
+        fig.add_trace(
+            go.Scatter(
+                x=best["layer"].tolist(), y=best["head"].tolist(), mode="markers", name=f"top {top} {method_title(m)}",
+                marker=dict(symbol=symbol, size=11, color=MARKER_COLORS.get(m, "#2e7d32"), line=dict(width=2.2)),
+                hoverinfo="skip",
+            )
+        )
+    fig.update_layout(
+        title=dict(text=f"colour: {_e(method_title(method))}", font=dict(size=13), x=0.02),
+        xaxis=dict(title="Layer", dtick=max(1, round(n_layers / 12)), range=[-0.5, n_layers - 0.5], showgrid=False),
+        yaxis=dict(title="Head", dtick=max(1, round(n_heads / 12)), range=[-0.5, n_heads - 0.5], showgrid=False),
+        legend=dict(orientation="h", y=-0.18, x=0), template="plotly_white", width=560, height=470,
+        margin=dict(l=55, r=20, t=45, b=40), hovermode="closest",
+    )
+    body = page.plot(fig, f"heatmap-{dataset}-{method}", css_class="sh-heatmap")
+    attrs = f'data-dataset="{_e(dataset)}" data-method="{_e(method)}" data-layers="{n_layers}" data-heads="{n_heads}"'
+    return f'<div class="heatmap-box" {attrs}>{body}</div>'
+
+
+def _section_heatmaps(page: _Page, grouped: dict[str, dict[str, ScoresRun]], top: int) -> str:
+    if not grouped:
+        page.notes.append("no generalized_ships.csv in the runs: heatmaps skipped")
+        return _note("No Generalized Ships results (generalized_ships.csv) in the given runs.")
+    parts = ["<p>Hover a cell for its layer, head, and its score and rank under each method. "
+             f"Markers: the top {top} heads of each method.</p>"]
+    for dataset, runs in grouped.items():
+        parts.append(f"<h3>{_e(dataset_title(dataset))}</h3><div class='row'>")
+        parts.extend(_heatmap(page, dataset, method, runs, top) for method in runs)
+        parts.append("</div>")
+    return "".join(parts)
+
+
+def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[ScoresRun], top: int) -> str:
+    parts = []
+    for dataset, runs in grouped.items():
+        table = pd.DataFrame({"rank": range(1, top + 1)})
+        for method, run in runs.items():
+            best = run.top(top).reset_index(drop=True)
+            heads = [f"{l}-{h}" for l, h in zip(best["layer"], best["head"])]
+            table[f"{method_title(method)}: head"] = pd.Series(heads, dtype=object)
+            table[f"{method_title(method)}: Generalized Ships"] = best["score"]
+        parts.append(f"<h3>{_e(dataset_title(dataset))}: Generalized Ships, top {top}</h3>{_table(table)}")
+    for run in scores:
+        if run.summary is None:
+            continue
+        summ = run.summary
+        sort_cols = [c for c in ("top10_count", "mean") if c in summ]
+        if sort_cols:
+            summ = summ.sort_values(sort_cols, ascending=False, kind="stable")
+        summ = summ.head(top)
+        shown = pd.DataFrame({"head": [f"{l}-{h}" for l, h in zip(summ["layer"], summ["head"])]})
+        for col in ("mean", "median", "top10_count"):
+            if col in summ:
+                shown[col] = summ[col].to_numpy()
+        parts.append(
+            f"<h3>{_e(dataset_title(run.dataset))}: Ships per prompt ({_e(method_title(run.method))}), top {top}</h3>"
+            f"<p class='small'>mean/median KL over prompts; top10_count = prompts that have the head among their "
+            f"10 highest.</p>{_table(shown)}"
+        )
+    return "".join(parts) or _note("No rankings: no generalized_ships.csv or ships_summary.csv in the runs.")
+
+
+def _section_sahara(page: _Page, scores: list[ScoresRun]) -> str:
+    import plotly.graph_objects as go
+
+    runs = [r for r in scores if r.sahara is not None and len(r.sahara)]
+    if not runs:
+        page.notes.append("no sahara.csv in the runs: Sahara section skipped")
+        return _note("No Sahara results (sahara.csv) in the given runs.")
+    fig = go.Figure()
+    parts = []
+    for run in runs:
+        df = run.sahara.sort_values("step")
+        heads = [f"{l}-{h}" for l, h in zip(df["layer"], df["head"])]
+        label = f"{dataset_title(run.dataset)}, {method_title(run.method)}"
+        fig.add_trace(go.Scatter(x=df["step"].tolist(), y=df["score"].tolist(), mode="lines+markers+text",
+                                 text=heads, textposition="top center", name=label,
+                                 hovertemplate="step %{x}: add head %{text}<br>Generalized Ships %{y:.4g}<extra></extra>"))
+        table = pd.DataFrame({"step": df["step"].astype(int), "head added": heads, "Generalized Ships of the group": df["score"]})
+        parts.append(f"<h3>{_e(label)}</h3><p>Final group: <code>{_e(','.join(heads))}</code></p>{_table(table)}")
+    fig.update_layout(template="plotly_white", height=360, xaxis=dict(title="step", dtick=1),
+                      yaxis=dict(title="Generalized Ships of the group"), margin=dict(l=60, r=20, t=30, b=40))
+    return page.plot(fig, "sahara-steps", height=360) + "".join(parts)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _is_overall(category) -> bool:
+    return category is None or (isinstance(category, float) and np.isnan(category)) or str(category).strip().lower() in _OVERALL
+
+
+def _asr_rows(evals: list[EvalRun]) -> pd.DataFrame:
+    """All asr.csv rows with the run label; `overall` marks dataset-level rows (computed from the
+    category rows, weighted by n, where a file has categories only)."""
+    frames = []
+    for run in evals:
+        if run.asr is None:
+            continue
+        df = run.asr.copy()
+        if "category" not in df:
+            df["category"] = ""
+        if "judge" not in df:
+            df["judge"] = "default"
+        if "n" not in df:
+            df["n"] = np.nan
+        df["overall"] = df["category"].map(_is_overall)
+        df["category"] = df["category"].where(~df["overall"], "")
+        missing = []
+        for (dataset, condition, judge), g in df.groupby(["dataset", "condition", "judge"]):
+            if not g["overall"].any():
+                w = g["n"].fillna(1).astype(float)
+                missing.append({"dataset": dataset, "category": "", "condition": condition, "judge": judge,
+                                "n": float(g["n"].sum()), "asr": float(np.average(g["asr"], weights=w)), "overall": True})
+        df = pd.concat([df, pd.DataFrame(missing)], ignore_index=True) if missing else df
+        df["run"] = run.label
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _asr_chart(page: _Page, df: pd.DataFrame, x_col: str, title: str, div_id: str) -> str:
+    """Grouped bars: the baseline, then each run's ablated ASR, over `x_col` values."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    base = df[df["condition"] == "baseline"]
+    # One baseline bar when every run measured the same one (same prompts, greedy), else one per run.
+    spread = base.groupby(x_col)["asr"].agg(lambda s: s.max() - s.min())
+    shared = spread.empty or bool((spread < 1e-9).all())
+    for label, g in ([("", base.drop_duplicates(subset=[x_col]))] if shared else base.groupby("run", sort=False)):
+        name = "baseline (no ablation)" + (f": {label}" if label else "")
+        fig.add_trace(go.Bar(x=g[x_col].tolist(), y=g["asr"].tolist(), name=name, marker_color="#9e9e9e" if shared else None,
+                             hovertemplate="%{x}<br>baseline ASR %{y:.1%}<extra></extra>"))
+    for label, g in df[df["condition"] == "ablated"].groupby("run", sort=False):
+        fig.add_trace(go.Bar(x=g[x_col].tolist(), y=g["asr"].tolist(), name=f"ablated: {label}",
+                             hovertemplate="%{x}<br>ablated ASR %{y:.1%}<extra>" + _e(label) + "</extra>"))
+    fig.update_layout(barmode="group", template="plotly_white", height=380, title=dict(text=_e(title), font=dict(size=14)),
+                      yaxis=dict(title="attack success rate", tickformat=".0%", range=[0, 1.05]),
+                      margin=dict(l=60, r=20, t=45, b=80), legend=dict(orientation="h", y=-0.25))
+    return page.plot(fig, div_id, height=380)
+
+
+def _section_asr(page: _Page, evals: list[EvalRun]) -> str:
+    rows = _asr_rows(evals)
+    if rows.empty:
+        page.notes.append("no asr.csv in the runs: ASR section skipped")
+        return _note("No evaluation results (asr.csv) in the given runs.")
+    judges = list(dict.fromkeys(rows["judge"]))
+    judge = "keywords" if "keywords" in judges else judges[0]
+    chosen = rows[rows["judge"] == judge]
+    overall = chosen[chosen["overall"]].copy()
+    overall["dataset title"] = overall["dataset"].map(dataset_title)
+    order = [dataset_title(d) for d in dataset_order(overall["dataset"])]
+    overall["dataset title"] = pd.Categorical(overall["dataset title"], categories=order, ordered=True)
+    overall = overall.sort_values("dataset title", kind="stable")
+    overall["dataset title"] = overall["dataset title"].astype(str)
+    parts = [f"<p>Judge shown: <code>{_e(judge)}</code>" + (f" (also in the table: {_e(', '.join(j for j in judges if j != judge))})" if len(judges) > 1 else "") + "</p>"]
+    parts.append(_asr_chart(page, overall, "dataset title", "ASR per dataset, before and after ablation", "asr-datasets"))
+    for dataset in dataset_order(chosen["dataset"]):
+        cats = chosen[(chosen["dataset"] == dataset) & ~chosen["overall"]]
+        if len(cats):
+            parts.append(_asr_chart(page, cats, "category", f"ASR per category: {dataset_title(dataset)}", f"asr-{dataset}-categories"))
+    # The table: one row per (run, dataset, category, judge) with before, after and the change.
+    keys = ["run", "dataset", "category", "judge"]
+    wide = rows.pivot_table(index=keys, columns="condition", values="asr", aggfunc="first").reset_index()
+    n = rows.groupby(keys)["n"].first().reset_index()
+    wide = wide.merge(n, on=keys, how="left")
+    for col in ("baseline", "ablated"):
+        if col not in wide:
+            wide[col] = np.nan
+    wide["change"] = wide["ablated"] - wide["baseline"]
+    wide = wide[[*keys, "n", "baseline", "ablated", "change"]]
+    wide["category"] = wide["category"].replace("", "(all)")
+    parts.append(_table(wide, floatfmt="{:.3f}"))
+    return "".join(parts)
+
+
+def _section_helpfulness(page: _Page, evals: list[EvalRun]) -> str:
+    import plotly.graph_objects as go
+
+    frames = [r.helpfulness.assign(run=r.label) for r in evals if r.helpfulness is not None]
+    if not frames:
+        page.notes.append("no helpfulness.csv in the runs: helpfulness section skipped")
+        return _note("No helpfulness results (helpfulness.csv) in the given runs.")
+    df = pd.concat(frames, ignore_index=True)
+    wide = df.pivot_table(index=["run", "metric"], columns="condition", values="value", aggfunc="first").reset_index()
+    wide.columns.name = None
+    fig = go.Figure()
+    for condition in [c for c in ("baseline", "ablated") if c in df["condition"].unique()] + \
+            [c for c in df["condition"].unique() if c not in ("baseline", "ablated")]:
+        g = df[df["condition"] == condition]
+        fig.add_trace(go.Bar(x=[f"{m}<br>{_e(r)}" for m, r in zip(g["metric"], g["run"])], y=g["value"].tolist(),
+                             name=str(condition), hovertemplate="%{x}<br>%{y:.4g}<extra>" + _e(condition) + "</extra>"))
+    fig.update_layout(barmode="group", template="plotly_white", height=360, margin=dict(l=60, r=20, t=30, b=90),
+                      legend=dict(orientation="h", y=-0.35))
+    return page.plot(fig, "helpfulness", height=360) + _table(wide)
+
+
+def _verdicts(row: dict) -> str:
+    v = row.get("verdicts")
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {val}" for k, val in v.items())
+    return "" if v is None else str(v)
+
+
+def _section_examples(evals: list[EvalRun], per_dataset: int) -> str:
+    """A few prompts answered before and after: those whose verdict changed first, then those whose
+    response changed, so the handful shown is the informative part."""
+    parts = []
+    for run in evals:
+        pairs: dict[tuple, dict[str, dict]] = {}
+        for g in run.generations:
+            key = (g.get("dataset"), g.get("prompt_id"), g.get("prompt"))
+            pairs.setdefault(key, {})[str(g.get("condition"))] = g
+        complete = [(k, v) for k, v in pairs.items() if "baseline" in v and "ablated" in v]
+        if not complete:
+            continue
+        def interest(item):
+            v = item[1]
+            return (v["baseline"].get("verdicts") == v["ablated"].get("verdicts"),
+                    v["baseline"].get("response") == v["ablated"].get("response"))
+        parts.append(f"<h3>{_e(run.label)}</h3>")
+        by_dataset: dict[str, list] = {}
+        for item in complete:
+            by_dataset.setdefault(str(item[0][0]), []).append(item)
+        for dataset in dataset_order(by_dataset):
+            chosen = sorted(by_dataset[dataset], key=interest)[:per_dataset]
+            parts.append(f"<h4>{_e(dataset_title(dataset))}</h4>")
+            for (_, pid, prompt), v in chosen:
+                b, a = v["baseline"], v["ablated"]
+                parts.append(
+                    f"<div class='example'><div class='prompt'><b>Prompt {_e(pid)}:</b> {_e(prompt)}</div>"
+                    f"<div class='pair'><div><div class='tag'>before (no ablation) · {_e(_verdicts(b))}</div>"
+                    f"<pre>{_e(b.get('response'))}</pre></div>"
+                    f"<div><div class='tag'>after ({_e(run.label)}) · {_e(_verdicts(a))}</div>"
+                    f"<pre>{_e(a.get('response'))}</pre></div></div></div>"
+                )
+    return "".join(parts) or _note("No example generations (generations.jsonl with baseline and ablated answers).")
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def _section_manifests(paths: Iterable[tuple[Path, dict, str]]) -> str:
+    rows, details = [], []
+    for path, manifest, kind in paths:
+        versions = manifest_field(manifest, "versions", "packages")
+        version_text = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else _e(versions)
+        rows.append({
+            "run folder": str(path), "kind": kind,
+            "model": manifest_field(manifest, "model", keys=("spec", "name", "id")) or "",
+            "dataset": manifest_field(manifest, "dataset", keys=("name", "dataset")) or "",
+            "method": manifest_field(manifest, "method") or "",
+            "epsilon": str(manifest_field(manifest, "epsilon") or ""),
+            "format": manifest_field(manifest, "format") or "",
+            "versions": version_text or "",
+        })
+        details.append(f"<details><summary>{_e(path)}/manifest.json</summary>"
+                       f"<pre>{_e(json.dumps(manifest, indent=2, sort_keys=True, default=str))}</pre></details>")
+    return _table(pd.DataFrame(rows)) + "".join(details)
+
+
+# ---------------------------------------------------------------- page
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:0 24px 60px;color:#222;line-height:1.45}
+h1{font-size:1.6em;margin:.8em 0 .2em} h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em} h3{margin:1.4em 0 .4em}
+nav a{margin-right:1em} .note{color:#8a6d3b;background:#fcf8e3;padding:.4em .7em;border-radius:4px}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em} th,td{border:1px solid #ddd;padding:3px 8px;text-align:left}
+th{background:#f5f5f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.row{display:flex;flex-wrap:wrap;gap:12px} .heatmap-box{flex:0 0 auto;width:560px}
+.example{border:1px solid #ddd;border-radius:6px;padding:8px 10px;margin:10px 0}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:10px;margin-top:6px} .tag{font-size:.8em;color:#666}
+pre{white-space:pre-wrap;word-break:break-word;background:#f8f8f8;padding:6px 8px;margin:2px 0;font-size:.85em;max-height:22em;overflow:auto}
+.small{font-size:.85em;color:#555} code{background:#f3f3f3;padding:0 3px}
+"""
+
+
+def render_report(study: Study, *, top: int = 10, examples: int = 5, title: str | None = None) -> tuple[str, list[str]]:
+    """The report's HTML text and notes about skipped sections."""
+    import plotly.offline
+
+    if top < 1 or examples < 0:
+        raise UsageError("--top must be at least 1 and --examples at least 0")
+    page = _Page()
+    page.notes.extend(study.notes)
+    grouped = study.by_dataset()
+    title = title or f"safetyheads report: {study.model}"
+    sections = [
+        ("heatmaps", "Generalized Ships heatmaps", _section_heatmaps(page, grouped, top)),
+        ("rankings", "Rankings", _section_rankings(grouped, study.scores, top)),
+        ("sahara", "Sahara: greedy head-group search", _section_sahara(page, study.scores)),
+        ("asr", "Attack success rate, before and after", _section_asr(page, study.evals)),
+        ("helpfulness", "Helpfulness", _section_helpfulness(page, study.evals)),
+        ("examples", "Example generations", _section_examples(study.evals, examples)),
+    ]
+    seen, runs = set(), []
+    for run in [*study.scores, *study.evals]:
+        if run.path not in seen:
+            seen.add(run.path)
+            runs.append((run.path, run.manifest, "scores" if isinstance(run, ScoresRun) else "evaluation"))
+    sections.append(("manifest", "Runs and manifests", _section_manifests(runs)))
+    nav = " ".join(f'<a href="#{sid}">{_e(name)}</a>' for sid, name, _ in sections)
+    body = "".join(f'<section id="{sid}"><h2>{_e(name)}</h2>{content}</section>' for sid, name, content in sections)
+    notes = "".join(f"<li>{_e(n)}</li>" for n in page.notes)
+    notes_html = f"<details><summary>{len(page.notes)} note(s)</summary><ul>{notes}</ul></details>" if notes else ""
+    text = (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        "<link rel='icon' href='data:,'>"  # no favicon request (a 404 in the console offline)
+        f"<title>{_e(title)}</title><style>{_CSS}</style>"
+        f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head><body>"
+        f"<h1>{_e(title)}</h1><p class='small'>Model: <b>{_e(study.model)}</b> · "
+        f"{len(runs)} run folder(s) · written by safetyheads {_e(__version__)}</p>{notes_html}"
+        f"<nav>{nav}</nav>{body}</body></html>\n"
+    )
+    return text, page.notes
+
+
+def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, top: int = 10, examples: int = 5,
+                 title: str | None = None) -> ReportResult:
+    """Write the self-contained HTML report of the given run folders to `out`."""
+    study = load_study(run_dirs)
+    text, notes = render_report(study, top=top, examples=examples, title=title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return ReportResult(path=out, notes=notes)

@@ -1,0 +1,361 @@
+"""Read finished run folders back for display (the figure and the HTML report).
+
+The scores and evaluation commands write run folders (manifest.json plus CSV/JSONL files); this
+module turns a list of such folders into a `Study`: scores runs grouped by dataset and method,
+evaluation runs, and notes about anything that was missing. It is read-only and forgiving: optional
+files may be absent, and manifest fields are looked up in several places because the manifest
+carries the full config of whichever command wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from .errors import UsageError
+
+SCORES_FILES = ("generalized_ships.csv", "ships_summary.csv", "sahara.csv")
+EVAL_FILES = ("asr.csv", "helpfulness.csv", "generations.jsonl")
+
+# Paper order first; other datasets follow alphabetically.
+DATASET_TITLES = {
+    "jailbreakbench": "JailbreakBench",
+    "maliciousinstruct": "MaliciousInstruct",
+    "advbench": "AdvBench",
+    "harmless": "Harmless",
+}
+METHOD_TITLES = {
+    "undifferentiated": "Undifferentiated Attention",
+    "scaling": "Scaling Contribution",
+    "uniform": "Uniform Attention",
+    "mean": "Mean Ablation",
+}
+
+
+def dataset_title(name: str) -> str:
+    return DATASET_TITLES.get(name, name)
+
+
+def method_title(name: str) -> str:
+    return METHOD_TITLES.get(name, name)
+
+
+def dataset_order(names: Iterable[str]) -> list[str]:
+    """Paper datasets first (JailbreakBench, MaliciousInstruct), then the rest alphabetically."""
+    known = list(DATASET_TITLES)
+    return sorted(set(names), key=lambda n: (known.index(n) if n in known else len(known), n))
+
+
+def method_order(names: Iterable[str]) -> list[str]:
+    known = list(METHOD_TITLES)
+    return sorted(set(names), key=lambda n: (known.index(n) if n in known else len(known), n))
+
+
+def format_heads(heads: Any) -> str:
+    """Heads in the CLI's `L-H,L-H` syntax, from whatever a manifest or JSONL line holds."""
+    if heads is None:
+        return ""
+    if isinstance(heads, str):
+        return heads
+    parts = []
+    for h in heads:
+        if isinstance(h, str):
+            parts.append(h)
+        elif isinstance(h, dict):
+            parts.append(f"{h.get('layer')}-{h.get('head')}")
+        else:
+            parts.append(f"{h[0]}-{h[1]}")
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------- manifest look-ups
+
+_MODEL_KEYS = ("spec", "name", "id", "model", "path")
+_DATASET_KEYS = ("dataset", "name", "spec", "path")
+
+
+def _sections(manifest: dict) -> list[dict]:
+    """Dicts a field may live in, most specific first: config and its sub-configs, then the top level."""
+    out: list[dict] = []
+    config = manifest.get("config")
+    if isinstance(config, dict):
+        out.append(config)
+        out.extend(v for v in config.values() if isinstance(v, dict))
+    out.append(manifest)
+    out.extend(v for k, v in manifest.items() if isinstance(v, dict) and k != "config")
+    return out
+
+
+def _as_name(value: Any, keys: tuple[str, ...]) -> str | None:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, dict):
+        for key in keys:
+            if isinstance(value.get(key), str) and value[key]:
+                return value[key]
+    return None
+
+
+def manifest_field(manifest: dict, *names: str, keys: tuple[str, ...] = ()) -> Any:
+    """First value found under any of `names` in the manifest's config, sub-configs or top level."""
+    for section in _sections(manifest):
+        for name in names:
+            if name in section and section[name] is not None:
+                value = section[name]
+                if keys:
+                    value = _as_name(value, keys)
+                    if value is None:
+                        continue
+                return value
+    return None
+
+
+def _int_field(manifest: dict, *names: str) -> int | None:
+    value = manifest_field(manifest, *names)
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def normalise_dataset(name: str | None) -> str:
+    """Registry names as they are; a user file by its stem ("data/my_prompts.csv" -> "my_prompts")."""
+    if not name:
+        return "unknown"
+    text = str(name).strip()
+    if text.lower() in DATASET_TITLES:
+        return text.lower()
+    if "/" in text or "." in text:
+        return Path(text).stem
+    return text
+
+
+def read_manifest(run: Path) -> dict:
+    path = run / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON ({exc.msg})") from exc
+    return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass
+class ScoresRun:
+    """The scores of one method on one dataset (one run folder may hold several methods)."""
+
+    path: Path
+    manifest: dict
+    model: str
+    dataset: str
+    method: str
+    n_layers: int
+    n_heads: int
+    gships: pd.DataFrame | None  # layer, head, score, rank
+    summary: pd.DataFrame | None  # layer, head, mean, median, top10_count (Ships)
+    sahara: pd.DataFrame | None  # step, layer, head, score
+
+    def grid(self, column: str = "score") -> np.ndarray:
+        """Generalized Ships as a [heads, layers] array (NaN where a head was not scored)."""
+        out = np.full((self.n_heads, self.n_layers), np.nan)  # [heads, layers]
+        if self.gships is not None:
+            out[self.gships["head"].to_numpy(), self.gships["layer"].to_numpy()] = self.gships[column].to_numpy()
+        return out
+
+    def top(self, k: int) -> pd.DataFrame:
+        """The k most important heads (rank 1 first)."""
+        if self.gships is None:
+            return pd.DataFrame(columns=["layer", "head", "score", "rank"])
+        return self.gships.sort_values("rank", kind="stable").head(k)
+
+
+@dataclass
+class EvalRun:
+    path: Path
+    manifest: dict
+    model: str
+    method: str
+    heads: str
+    asr: pd.DataFrame | None
+    helpfulness: pd.DataFrame | None
+    generations: list[dict]
+
+    @property
+    def label(self) -> str:
+        """How the ablation is named in charts: method and heads, else the folder name."""
+        parts = [p for p in (self.method, self.heads) if p]
+        return " ".join(parts) if parts else self.path.name
+
+
+@dataclass
+class Study:
+    scores: list[ScoresRun] = field(default_factory=list)
+    evals: list[EvalRun] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({r.model for r in [*self.scores, *self.evals] if r.model})
+
+    @property
+    def model(self) -> str:
+        return ", ".join(self.models) or "unknown model"
+
+    def by_dataset(self) -> dict[str, dict[str, ScoresRun]]:
+        """{dataset: {method: run}} over runs with Generalized Ships, datasets in paper order.
+        When two runs share a dataset and method, the later one given wins (with a note)."""
+        grouped: dict[str, dict[str, ScoresRun]] = {}
+        for run in self.scores:
+            if run.gships is None:
+                continue
+            slot = grouped.setdefault(run.dataset, {})
+            if run.method in slot:
+                self.notes.append(
+                    f"two runs for {run.dataset}/{run.method}: using {run.path}, ignoring {slot[run.method].path}"
+                )
+            slot[run.method] = run
+        return {d: {m: grouped[d][m] for m in method_order(grouped[d])} for d in dataset_order(grouped)}
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame | None:
+    if not path.exists():
+        return None
+    df = pd.read_csv(path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UsageError(f"{path}: missing column(s) {', '.join(missing)}")
+    return df
+
+
+def _split_by_method(df: pd.DataFrame | None, default: str) -> dict[str, pd.DataFrame]:
+    if df is None:
+        return {}
+    if "method" not in df.columns:
+        return {default: df}
+    df = df.assign(method=df["method"].fillna(default).astype(str))
+    return {str(m): g.drop(columns="method").reset_index(drop=True) for m, g in df.groupby("method", sort=False)}
+
+
+def _with_rank(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df["layer"] = df["layer"].astype(int)
+    df["head"] = df["head"].astype(int)
+    df["score"] = df["score"].astype(float)
+    if "rank" not in df.columns or df["rank"].isna().any():
+        order = df.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable").index
+        df.loc[order, "rank"] = np.arange(1, len(df) + 1)
+    df["rank"] = df["rank"].astype(int)
+    return df
+
+
+def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
+    """Every (method) scores run a folder holds; empty when it holds no scores file."""
+    gships = _read_csv(run / "generalized_ships.csv", ("layer", "head", "score"))
+    summary = _read_csv(run / "ships_summary.csv", ("layer", "head"))
+    sahara = _read_csv(run / "sahara.csv", ("step", "layer", "head", "score"))
+    if gships is None and summary is None and sahara is None:
+        return []
+    model = manifest_field(manifest, "model", keys=_MODEL_KEYS) or "unknown model"
+    dataset = normalise_dataset(manifest_field(manifest, "dataset", "data", keys=_DATASET_KEYS))
+    method = manifest_field(manifest, "method") or "unknown"
+    method = str(method)
+    by_gships = _split_by_method(gships, method)
+    by_summary = _split_by_method(summary, method)
+    methods = list(dict.fromkeys([*by_gships, *by_summary])) or [method]
+    out = []
+    for m in methods:
+        g = _with_rank(by_gships[m]) if m in by_gships else None
+        s = by_summary.get(m)
+        # The size the manifest declares, grown to cover every head in the files (a run limited
+        # with --layers still shows the whole model; a manifest without sizes is still drawable).
+        n_layers = _int_field(manifest, "n_layers", "num_layers", "num_hidden_layers") or 0
+        n_heads = _int_field(manifest, "n_heads", "num_heads", "num_attention_heads") or 0
+        for df in (g, s, sahara):
+            if df is not None and len(df):
+                n_layers = max(n_layers, int(df["layer"].max()) + 1)
+                n_heads = max(n_heads, int(df["head"].max()) + 1)
+        out.append(
+            ScoresRun(
+                path=run, manifest=manifest, model=str(model), dataset=dataset, method=m,
+                n_layers=n_layers, n_heads=n_heads, gships=g, summary=s,
+                sahara=sahara if m == method or len(methods) == 1 else None,
+            )
+        )
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+    return rows
+
+
+def load_eval_run(run: Path, manifest: dict) -> EvalRun | None:
+    asr = _read_csv(run / "asr.csv", ("dataset", "condition", "asr"))
+    helpfulness = _read_csv(run / "helpfulness.csv", ("metric", "condition", "value"))
+    generations = _read_jsonl(run / "generations.jsonl")
+    if asr is None and helpfulness is None and not generations:
+        return None
+    ablated = next((g for g in generations if g.get("condition") == "ablated"), {})
+    method = manifest_field(manifest, "method") or ablated.get("method") or ""
+    heads = manifest_field(manifest, "heads", "ablate") or ablated.get("heads")
+    model = manifest_field(manifest, "model", keys=_MODEL_KEYS) or ""
+    return EvalRun(
+        path=run, manifest=manifest, model=str(model), method=str(method), heads=format_heads(heads),
+        asr=asr, helpfulness=helpfulness, generations=generations,
+    )
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "manifest.json").exists() or any((path / f).exists() for f in SCORES_FILES + EVAL_FILES)
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """The run folders given, or, for a folder that is not a run itself, the runs directly inside it
+    (so `report runs/demo` works on a folder of runs)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise UsageError(f"no such run folder: {p}")
+        if _is_run(p):
+            out.append(p)
+            continue
+        inner = sorted(c for c in p.iterdir() if c.is_dir() and _is_run(c))
+        if not inner:
+            raise UsageError(f"{p} is not a run folder (no manifest.json, generalized_ships.csv or asr.csv)")
+        out.extend(inner)
+    return list(dict.fromkeys(out))
+
+
+def load_study(paths: Iterable[str | Path]) -> Study:
+    """Read run folders (scores and/or evaluation) into a Study."""
+    study = Study()
+    for run in find_run_dirs(paths):
+        manifest = read_manifest(run)
+        if not manifest:
+            study.notes.append(f"{run}: no manifest.json; model and dataset unknown")
+        scores = load_scores_runs(run, manifest)
+        evaluation = load_eval_run(run, manifest)
+        study.scores.extend(scores)
+        if evaluation is not None:
+            study.evals.append(evaluation)
+        if not scores and evaluation is None:
+            study.notes.append(f"{run}: holds no scores or evaluation results yet")
+    return study
