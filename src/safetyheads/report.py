@@ -20,7 +20,7 @@ import pandas as pd
 from . import __version__
 from .errors import UsageError
 from .results import (
-    EvalRun, ScoresRun, Study, dataset_order, dataset_title, load_study, manifest_field, method_title,
+    EvalRun, ScoresRun, Study, dataset_order, dataset_title, load_study, manifest_field, method_order, method_title,
 )
 
 COLORSCALE = "RdBu_r"  # blue (low) to red (high), as in the paper figure
@@ -150,6 +150,12 @@ def _section_heatmaps(page: _Page, grouped: dict[str, dict[str, ScoresRun]], top
     return "".join(parts)
 
 
+def _paper_order(scores: list[ScoresRun]) -> list[ScoresRun]:
+    datasets = dataset_order(r.dataset for r in scores)
+    methods = method_order(r.method for r in scores)
+    return sorted(scores, key=lambda r: (datasets.index(r.dataset), methods.index(r.method)))
+
+
 def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[ScoresRun], top: int) -> str:
     parts = []
     for dataset, runs in grouped.items():
@@ -160,7 +166,7 @@ def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[Sco
             table[f"{method_title(method)}: head"] = pd.Series(heads, dtype=object)
             table[f"{method_title(method)}: Generalized Ships"] = best["score"]
         parts.append(f"<h3>{_e(dataset_title(dataset))}: Generalized Ships, top {top}</h3>{_table(table)}")
-    for run in scores:
+    for run in _paper_order(scores):
         if run.summary is None:
             continue
         summ = run.summary
@@ -183,7 +189,7 @@ def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[Sco
 def _section_sahara(page: _Page, scores: list[ScoresRun]) -> str:
     import plotly.graph_objects as go
 
-    runs = [r for r in scores if r.sahara is not None and len(r.sahara)]
+    runs = [r for r in _paper_order(scores) if r.sahara is not None and len(r.sahara)]
     if not runs:
         page.notes.append("no sahara.csv in the runs: Sahara section skipped")
         return _note("No Sahara results (sahara.csv) in the given runs.")
