@@ -1,0 +1,83 @@
+"""Options every command shares, so `--model`, `--dataset`, `--format`, `--out` ... mean the same everywhere.
+
+Each `add_*_args(parser)` adds one option group; each `*_config_from_args(args)` turns the parsed options
+into the matching config dataclass (which validates them and raises UsageError on bad values)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import (
+    ATTN_IMPLEMENTATIONS,
+    DEFAULT_DATASET,
+    DEFAULT_MODEL,
+    DEVICES,
+    DTYPES,
+    FORMATS,
+    DataConfig,
+    ModelConfig,
+    PromptConfig,
+    RunConfig,
+)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
+                   help=f"built-in name, .gguf file, model directory or hub id ORG/NAME (default {DEFAULT_MODEL})")
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for a hub id")
+    g.add_argument("--device", default="auto", metavar="|".join(DEVICES),
+                   help="where to run: auto (cuda if available), cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (default float32)")
+    g.add_argument("--device-map", default=None, metavar="MAP",
+                   help="transformers device_map for multi-GPU placement, e.g. auto (overrides --device)")
+    g.add_argument("--attn-implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
+                   help="attention kernel (default sdpa)")
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None = DEFAULT_DATASET) -> None:
+    g = parser.add_argument_group("prompts")
+    g.add_argument("--dataset", default=default_dataset, metavar="NAME|PATH",
+                   help="jailbreakbench, maliciousinstruct, advbench, harmless, or a .csv/.jsonl/.txt file"
+                        + (f" (default {default_dataset})" if default_dataset else ""))
+    g.add_argument("--column", default=None, metavar="NAME", help="prompt column of a .csv/.jsonl file")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N prompts")
+    g.add_argument("--sample", type=int, default=None, metavar="N", help="use N prompts drawn at random (see --seed)")
+    g.add_argument("--seed", type=int, default=0, metavar="S", help="seed for --sample (default 0)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder searched first for the registered datasets' files (also SAFETYHEADS_DATA_DIR)")
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("prompt format")
+    g.add_argument("--format", default="chat", choices=FORMATS,
+                   help="chat: the model's chat template; paper: '## Query:...\\n## Answer:'; raw: as is (default chat)")
+    g.add_argument("--system-prompt", default=None, metavar="TEXT", help="system message (chat format only)")
+
+
+def add_run_args(parser: argparse.ArgumentParser, out_required: bool = False) -> None:
+    g = parser.add_argument_group("run folder")
+    g.add_argument("--out", default=None, required=out_required, metavar="RUN_DIR",
+                   help="run folder for results and manifest.json")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same config)")
+    g.add_argument("--force", action="store_true", help="replace the run already in --out")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    device_map = args.device_map if args.device_map not in (None, "", "none") else None
+    return ModelConfig(model=args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                       device_map=device_map, attn_implementation=getattr(args, "attn_implementation", "sdpa"))
+
+
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(dataset=args.dataset, column=args.column, limit=args.limit, sample=args.sample,
+                      seed=args.seed, data_dir=args.data_dir)
+
+
+def prompt_config_from_args(args: argparse.Namespace) -> PromptConfig:
+    return PromptConfig(format=args.format, system_prompt=args.system_prompt)
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(out=args.out, resume=args.resume, force=args.force, quiet=args.quiet)

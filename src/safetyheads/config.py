@@ -1,0 +1,151 @@
+"""Configuration dataclasses shared by the API and the CLI; they round-trip to dicts, JSON and YAML so a
+run's manifest holds the full config and the config can be rebuilt from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"  # same as models.DEFAULT_MODEL (not imported: keeps this module light)
+DEFAULT_DATASET = "jailbreakbench"
+FORMATS = ("chat", "paper", "raw")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+T = TypeVar("T")
+
+
+def _choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how (see `models.load_model`)."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    device_map: str | None = None
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
+            raise UsageError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("attention implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+
+    def load(self, check_supported: bool = True):
+        """The `LoadedModel` this config describes."""
+        from .models import load_model
+
+        return load_model(self.model, revision=self.revision, device=self.device, dtype=self.dtype,
+                          device_map=self.device_map, check_supported=check_supported,
+                          attn_implementation=self.attn_implementation)
+
+
+@dataclass
+class DataConfig:
+    """Which prompts to read (see `data.load_prompts`)."""
+
+    dataset: str = DEFAULT_DATASET
+    column: str | None = None
+    limit: int | None = None
+    sample: int | None = None
+    seed: int = 0
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise UsageError(f"--limit must be a positive number of prompts, got {self.limit}")
+        if self.sample is not None and self.sample <= 0:
+            raise UsageError(f"--sample must be a positive number of prompts, got {self.sample}")
+
+    def load(self):
+        """The `PromptSet` this config describes."""
+        from .data import load_prompts
+
+        return load_prompts(self.dataset, column=self.column, limit=self.limit, sample=self.sample,
+                            seed=self.seed, data_dir=self.data_dir)
+
+
+@dataclass
+class PromptConfig:
+    """How a request becomes model input (see `prompts.format_prompts`)."""
+
+    format: str = "chat"
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("prompt format", self.format, FORMATS)
+
+    def apply(self, tokenizer, prompts: list[str]) -> list[str]:
+        from .prompts import format_prompts
+
+        return format_prompts(tokenizer, prompts, self.format, self.system_prompt)
+
+
+@dataclass
+class RunConfig:
+    """Where results go and what to do when the folder already holds a run."""
+
+    out: str | None = None
+    resume: bool = False
+    force: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resume and self.force:
+            raise UsageError("--resume and --force contradict each other; pass one")
+
+
+# ----------------------------------------------------------------------------------------------- round trips
+
+
+def to_dict(cfg: Any) -> dict:
+    """A (possibly nested) config dataclass as a plain dict of JSON/YAML-safe values."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"not a config dataclass: {cfg!r}")
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Rebuild `cls` from `to_dict` output; unknown keys are a usage error (typos must not pass silently)."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UsageError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {}
+    for name, value in data.items():
+        hint = hints.get(name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value)
+        values[name] = value
+    return cls(**values)
+
+
+def to_yaml(cfg: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_yaml(cls: type[T], text: str) -> T:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"invalid YAML config: {str(exc).splitlines()[0]}") from None
+    return from_dict(cls, data or {})
