@@ -96,66 +96,81 @@ def make_eval_run(
     root: Path,
     *,
     datasets: tuple[str, ...] = ("jailbreakbench", "maliciousinstruct"),
-    method: str = "undifferentiated",
-    heads: str = "2-1,3-0",
+    ablations: tuple[tuple[str, str], ...] = (("undifferentiated", "2-1,3-0"), ("scaling", "3-1")),
     n_prompts: int = 6,
     model: str = "tiny-random-llama",
     seed: int = 0,
     helpfulness: bool = True,
+    simple: bool = False,
 ) -> tuple[Path, pd.DataFrame]:
-    """Write an evaluation run folder; returns (folder, the asr table written)."""
+    """Write an evaluation run folder; returns (folder, the asr table written).
+
+    By default the files follow `safetyheads evaluate`: one folder holds the baseline and several
+    ablations (asr.csv with heads/method columns, category 'all' for the dataset rows, nested judge
+    verdicts, harmless generations). `simple=True` writes the minimal format of the task brief (one
+    ablation, no heads/method columns, category '' for the dataset rows, flat verdicts)."""
     rng = np.random.default_rng(seed)
-    run = root / f"eval-{method}-{seed}"
+    if simple:
+        ablations = ablations[:1]
+    run = root / f"eval-{'-'.join(m for m, _ in ablations)}-{seed}"
     run.mkdir(parents=True)
-    manifest = _manifest(model, ",".join(datasets), method, 6, 4, "evaluate", heads=heads, max_new_tokens=16)
+    config = {"model": model, "datasets": list(datasets), "max_new_tokens": 16, "greedy": True,
+              "ablations": [{"heads": h, "method": m, "epsilon": 1e-5} for m, h in ablations]}
+    if simple:
+        config.update(method=ablations[0][0], heads=ablations[0][1])
+    manifest = {"command": "evaluate", "config": config,
+                "versions": {"safetyheads": "0.1.0", "torch": "2.13.0", "transformers": "5.24.0"}}
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    rows, gens = [], []
-    for dataset in datasets:
-        cats = JBB_CATEGORIES if dataset == "jailbreakbench" else [None]
-        for condition in ("baseline", "ablated"):
+    conditions = [("baseline", None, "")] + [("ablated", m, h) for m, h in ablations]
+    gens = []
+    for dataset in [*datasets, *(["harmless"] if helpfulness and not simple else [])]:
+        for condition, method, heads in conditions:
             # The unablated model answers the same whatever the ablation: one baseline per dataset.
             r = np.random.default_rng(len(dataset)) if condition == "baseline" else rng
-            refused = r.random(n_prompts) < (0.8 if condition == "baseline" else 0.3)
+            jailbroken = r.random(n_prompts) < (0.2 if condition == "baseline" else 0.7)
             for pid in range(n_prompts):
-                prompt = f"<harmful request {pid} from {dataset}> & \"quotes\""
-                response = "I cannot help with that." if refused[pid] else f"Sure, here is how ({condition}) <b>bold</b>"
-                gens.append(
-                    {
-                        "dataset": dataset,
-                        "prompt_id": pid,
-                        "prompt": prompt,
-                        "response": response,
-                        "condition": condition,
-                        "heads": [] if condition == "baseline" else heads,
-                        "method": None if condition == "baseline" else method,
-                        "epsilon": 1e-5,
-                        "verdicts": {"keywords": bool(not refused[pid])},
-                    }
-                )
-            rows.append(
-                {"dataset": dataset, "category": "", "condition": condition, "judge": "keywords",
-                 "n": n_prompts, "asr": float(np.mean(~refused))}
-            )
-            if dataset == "jailbreakbench":
-                for cat in cats:
-                    rows.append(
-                        {"dataset": dataset, "category": cat, "condition": condition, "judge": "keywords",
-                         "n": 10, "asr": float(r.integers(0, 11) / 10)}
-                    )
+                response = (f"Sure, here is how ({condition} {method}) <b>bold</b>" if jailbroken[pid]
+                            else "I cannot help with that.")
+                verdict = {"jailbroken": bool(jailbroken[pid]), "refused": bool(not jailbroken[pid])}
+                gens.append({
+                    "dataset": dataset, "prompt_id": pid,
+                    "category": JBB_CATEGORIES[pid % len(JBB_CATEGORIES)] if dataset == "jailbreakbench" else None,
+                    "prompt": f"<harmful request {pid} from {dataset}> & \"quotes\"", "response": response,
+                    "condition": condition, "heads": heads, "method": method, "epsilon": 1e-5 if method else None,
+                    "verdicts": {"keywords": verdict["jailbroken"] if simple else verdict},
+                })
+    g = pd.DataFrame(gens)
+    g = g[g["dataset"] != "harmless"]
+    g["jb"] = [v["keywords"] if simple else v["keywords"]["jailbroken"] for v in g["verdicts"]]
+    rows = []
+    overall = "" if simple else "all"
+    for (dataset, condition, heads, method), part in g.groupby(["dataset", "condition", "heads", "method"],
+                                                              dropna=False, sort=False):
+        groups = [(overall, part)] + ([(c, p) for c, p in part.groupby("category")] if dataset == "jailbreakbench" else [])
+        for cat, p in groups:
+            row = {"dataset": dataset, "category": cat, "condition": condition, "heads": heads,
+                   "method": method, "epsilon": 1e-5 if isinstance(method, str) else None,
+                   "judge": "keywords", "n": len(p), "asr": float(p["jb"].mean())}
+            if simple:
+                for k in ("heads", "method", "epsilon"):
+                    row.pop(k)
+            rows.append(row)
     asr = pd.DataFrame(rows)
     asr.to_csv(run / "asr.csv", index=False)
     with open(run / "generations.jsonl", "w") as fh:
-        for g in gens:
-            fh.write(json.dumps(g) + "\n")
+        for rec in gens:
+            fh.write(json.dumps(rec) + "\n")
     if helpfulness:
-        pd.DataFrame(
-            [
-                {"metric": "over_refusal_rate", "condition": "baseline", "value": float(rng.random() * 0.1)},
-                {"metric": "over_refusal_rate", "condition": "ablated", "value": float(rng.random() * 0.1)},
-                {"metric": "mean_kl", "condition": "ablated", "value": float(rng.random())},
-                {"metric": "top1_agreement", "condition": "ablated", "value": float(rng.random())},
-            ]
-        ).to_csv(run / "helpfulness.csv", index=False)
+        hrows = []
+        for condition, method, heads in conditions:
+            base = {"condition": condition, "heads": heads, "method": method}
+            hrows.append({**base, "metric": "over_refusal_rate", "judge": "keywords", "value": float(rng.random() * 0.1)})
+            hrows.append({**base, "metric": "mean_kl", "judge": None,
+                          "value": 0.0 if condition == "baseline" else float(rng.random())})
+        help_df = pd.DataFrame(hrows)
+        if simple:
+            help_df = help_df.drop(columns=["heads", "method", "judge"])
+        help_df.to_csv(run / "helpfulness.csv", index=False)
     return run, asr
 
 

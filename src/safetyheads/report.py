@@ -26,7 +26,7 @@ from .results import (
 COLORSCALE = "RdBu_r"  # blue (low) to red (high), as in the paper figure
 MARKER_COLORS = {"undifferentiated": "#7b1fa2", "scaling": "#4fc3f7"}
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
-_OVERALL = {"", "all", "overall", "*", "total", "nan", "none"}
+_OVERALL = {"", "all", "overall", "*", "total", "nan", "none", "(all)"}
 
 
 @dataclass
@@ -210,54 +210,91 @@ def _section_sahara(page: _Page, scores: list[ScoresRun]) -> str:
 
 
 # ---------------------------------------------------------------- evaluation
+# One evaluation folder may hold the baseline and several ablations (rows told apart by their
+# heads/method columns), and several folders may be given: every row gets an "ablation" label.
 
 
 def _is_overall(category) -> bool:
     return category is None or (isinstance(category, float) and np.isnan(category)) or str(category).strip().lower() in _OVERALL
 
 
+def _text(value) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _labelled(df: pd.DataFrame, run: EvalRun) -> pd.DataFrame:
+    """Add `run` and `ablation` ("baseline" or "<method> <heads>") columns to a table of one run."""
+    df = df.copy()
+    methods = df["method"] if "method" in df else [None] * len(df)
+    heads = df["heads"] if "heads" in df else [None] * len(df)
+    labels = []
+    for condition, m, h in zip(df["condition"], methods, heads):
+        if str(condition) == "baseline":
+            labels.append("baseline")
+        else:
+            label = " ".join(p for p in (_text(m) or run.method, _text(h) or run.heads) if p)
+            labels.append(label or str(condition))
+    df["ablation"] = labels
+    df["run"] = run.path.name
+    return df
+
+
+def _disambiguate(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate per-run tables; an ablation label found in two runs gets its run's name appended."""
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    ablated = df[df["ablation"] != "baseline"]
+    shared = ablated.groupby("ablation")["run"].nunique()
+    clash = set(shared[shared > 1].index)
+    if clash:
+        mask = df["ablation"].isin(clash)
+        df.loc[mask, "ablation"] = df.loc[mask, "ablation"] + " (" + df.loc[mask, "run"] + ")"
+    return df
+
+
 def _asr_rows(evals: list[EvalRun]) -> pd.DataFrame:
-    """All asr.csv rows with the run label; `overall` marks dataset-level rows (computed from the
-    category rows, weighted by n, where a file has categories only)."""
+    """All asr.csv rows, labelled; `overall` marks dataset-level rows (computed from the category
+    rows, weighted by n, where a file has categories only)."""
     frames = []
     for run in evals:
         if run.asr is None:
             continue
-        df = run.asr.copy()
-        if "category" not in df:
-            df["category"] = ""
-        if "judge" not in df:
-            df["judge"] = "default"
-        if "n" not in df:
-            df["n"] = np.nan
+        df = _labelled(run.asr, run)
+        df["category"] = df["category"] if "category" in df else ""
+        df["judge"] = df["judge"].fillna("default") if "judge" in df else "default"
+        df["n"] = df["n"] if "n" in df else np.nan
         df["overall"] = df["category"].map(_is_overall)
-        df["category"] = df["category"].where(~df["overall"], "")
+        df["category"] = df["category"].where(~df["overall"], "").fillna("").astype(str)
         missing = []
-        for (dataset, condition, judge), g in df.groupby(["dataset", "condition", "judge"]):
+        for (dataset, ablation, judge), g in df.groupby(["dataset", "ablation", "judge"], sort=False):
             if not g["overall"].any():
                 w = g["n"].fillna(1).astype(float)
-                missing.append({"dataset": dataset, "category": "", "condition": condition, "judge": judge,
-                                "n": float(g["n"].sum()), "asr": float(np.average(g["asr"], weights=w)), "overall": True})
-        df = pd.concat([df, pd.DataFrame(missing)], ignore_index=True) if missing else df
-        df["run"] = run.label
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+                missing.append({**g.iloc[0].to_dict(), "category": "", "n": float(g["n"].sum()),
+                                "asr": float(np.average(g["asr"], weights=w)), "overall": True})
+        frames.append(pd.concat([df, pd.DataFrame(missing)], ignore_index=True) if missing else df)
+    return _disambiguate(frames)
+
+
+def _baseline_traces(base: pd.DataFrame, x_col: str) -> list[tuple[str, pd.DataFrame]]:
+    """One baseline series when every run measured the same one (same prompts, greedy), else one per run."""
+    spread = base.groupby(x_col)["asr"].agg(lambda s: s.max() - s.min())
+    if spread.empty or bool((spread < 1e-9).all()):
+        return [("baseline (no ablation)", base.drop_duplicates(subset=[x_col]))]
+    return [(f"baseline (no ablation): {run}", g) for run, g in base.groupby("run", sort=False)]
 
 
 def _asr_chart(page: _Page, df: pd.DataFrame, x_col: str, title: str, div_id: str) -> str:
-    """Grouped bars: the baseline, then each run's ablated ASR, over `x_col` values."""
+    """Grouped bars over `x_col` values: the baseline, then each ablation's ASR."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    base = df[df["condition"] == "baseline"]
-    # One baseline bar when every run measured the same one (same prompts, greedy), else one per run.
-    spread = base.groupby(x_col)["asr"].agg(lambda s: s.max() - s.min())
-    shared = spread.empty or bool((spread < 1e-9).all())
-    for label, g in ([("", base.drop_duplicates(subset=[x_col]))] if shared else base.groupby("run", sort=False)):
-        name = "baseline (no ablation)" + (f": {label}" if label else "")
-        fig.add_trace(go.Bar(x=g[x_col].tolist(), y=g["asr"].tolist(), name=name, marker_color="#9e9e9e" if shared else None,
+    traces = _baseline_traces(df[df["ablation"] == "baseline"], x_col)
+    for name, g in traces:
+        fig.add_trace(go.Bar(x=g[x_col].tolist(), y=g["asr"].tolist(), name=name,
+                             marker_color="#9e9e9e" if len(traces) == 1 else None,
                              hovertemplate="%{x}<br>baseline ASR %{y:.1%}<extra></extra>"))
-    for label, g in df[df["condition"] == "ablated"].groupby("run", sort=False):
+    for label, g in df[df["ablation"] != "baseline"].groupby("ablation", sort=False):
         fig.add_trace(go.Bar(x=g[x_col].tolist(), y=g["asr"].tolist(), name=f"ablated: {label}",
                              hovertemplate="%{x}<br>ablated ASR %{y:.1%}<extra>" + _e(label) + "</extra>"))
     fig.update_layout(barmode="group", template="plotly_white", height=380, title=dict(text=_e(title), font=dict(size=14)),
@@ -275,58 +312,73 @@ def _section_asr(page: _Page, evals: list[EvalRun]) -> str:
     judge = "keywords" if "keywords" in judges else judges[0]
     chosen = rows[rows["judge"] == judge]
     overall = chosen[chosen["overall"]].copy()
+    datasets = dataset_order(overall["dataset"])
+    overall = overall.sort_values("dataset", key=lambda s: s.map(datasets.index), kind="stable")
     overall["dataset title"] = overall["dataset"].map(dataset_title)
-    order = [dataset_title(d) for d in dataset_order(overall["dataset"])]
-    overall["dataset title"] = pd.Categorical(overall["dataset title"], categories=order, ordered=True)
-    overall = overall.sort_values("dataset title", kind="stable")
-    overall["dataset title"] = overall["dataset title"].astype(str)
-    parts = [f"<p>Judge shown: <code>{_e(judge)}</code>" + (f" (also in the table: {_e(', '.join(j for j in judges if j != judge))})" if len(judges) > 1 else "") + "</p>"]
+    others = f" (also in the table: {', '.join(j for j in judges if j != judge)})" if len(judges) > 1 else ""
+    parts = [f"<p>Judge shown: <code>{_e(judge)}</code>{_e(others)}. ASR = share of prompts the judge counts as "
+             "jailbroken (answered).</p>"]
     parts.append(_asr_chart(page, overall, "dataset title", "ASR per dataset, before and after ablation", "asr-datasets"))
     for dataset in dataset_order(chosen["dataset"]):
         cats = chosen[(chosen["dataset"] == dataset) & ~chosen["overall"]]
         if len(cats):
-            parts.append(_asr_chart(page, cats, "category", f"ASR per category: {dataset_title(dataset)}", f"asr-{dataset}-categories"))
-    # The table: one row per (run, dataset, category, judge) with before, after and the change.
+            parts.append(_asr_chart(page, cats, "category", f"ASR per category: {dataset_title(dataset)}",
+                                    f"asr-{dataset}-categories"))
+    # The table: one row per (ablation, dataset, category, judge) with before, after and the change.
     keys = ["run", "dataset", "category", "judge"]
-    wide = rows.pivot_table(index=keys, columns="condition", values="asr", aggfunc="first").reset_index()
-    n = rows.groupby(keys)["n"].first().reset_index()
-    wide = wide.merge(n, on=keys, how="left")
-    for col in ("baseline", "ablated"):
-        if col not in wide:
-            wide[col] = np.nan
-    wide["change"] = wide["ablated"] - wide["baseline"]
-    wide = wide[[*keys, "n", "baseline", "ablated", "change"]]
-    wide["category"] = wide["category"].replace("", "(all)")
-    parts.append(_table(wide, floatfmt="{:.3f}"))
+    base = rows[rows["ablation"] == "baseline"][keys + ["asr"]].drop_duplicates(subset=keys)
+    table = rows[rows["ablation"] != "baseline"].merge(base, on=keys, how="left", suffixes=("", "_baseline"))
+    table = pd.DataFrame({
+        "ablation": table["ablation"], "dataset": table["dataset"], "category": table["category"].replace("", "(all)"),
+        "judge": table["judge"], "n": table["n"], "baseline ASR": table["asr_baseline"], "ablated ASR": table["asr"],
+        "change": table["asr"] - table["asr_baseline"],
+    })
+    if table.empty:  # a baseline-only evaluation
+        table = rows[keys + ["n", "asr"]].rename(columns={"asr": "baseline ASR"})
+    parts.append(_table(table, floatfmt="{:.3f}"))
     return "".join(parts)
 
 
 def _section_helpfulness(page: _Page, evals: list[EvalRun]) -> str:
     import plotly.graph_objects as go
 
-    frames = [r.helpfulness.assign(run=r.label) for r in evals if r.helpfulness is not None]
-    if not frames:
+    df = _disambiguate([_labelled(r.helpfulness, r) for r in evals if r.helpfulness is not None])
+    if df.empty:
         page.notes.append("no helpfulness.csv in the runs: helpfulness section skipped")
         return _note("No helpfulness results (helpfulness.csv) in the given runs.")
-    df = pd.concat(frames, ignore_index=True)
-    wide = df.pivot_table(index=["run", "metric"], columns="condition", values="value", aggfunc="first").reset_index()
+    df["judge"] = df["judge"].fillna("").astype(str) if "judge" in df else ""
+    df["measure"] = [f"{m} ({j})" if j else str(m) for m, j in zip(df["metric"], df["judge"])]
+    labels = list(dict.fromkeys(["baseline", *df["ablation"]]))
+    labels = [l for l in labels if l in set(df["ablation"])]
+    wide = df.pivot_table(index="measure", columns="ablation", values="value", aggfunc="first", sort=False)
+    wide = wide[labels].reset_index()
     wide.columns.name = None
     fig = go.Figure()
-    for condition in [c for c in ("baseline", "ablated") if c in df["condition"].unique()] + \
-            [c for c in df["condition"].unique() if c not in ("baseline", "ablated")]:
-        g = df[df["condition"] == condition]
-        fig.add_trace(go.Bar(x=[f"{m}<br>{_e(r)}" for m, r in zip(g["metric"], g["run"])], y=g["value"].tolist(),
-                             name=str(condition), hovertemplate="%{x}<br>%{y:.4g}<extra>" + _e(condition) + "</extra>"))
+    for label in labels:
+        g = df[df["ablation"] == label]
+        fig.add_trace(go.Bar(x=g["measure"].tolist(), y=g["value"].tolist(), name=label,
+                             marker_color="#9e9e9e" if label == "baseline" else None,
+                             hovertemplate="%{x}<br>%{y:.4g}<extra>" + _e(label) + "</extra>"))
     fig.update_layout(barmode="group", template="plotly_white", height=360, margin=dict(l=60, r=20, t=30, b=90),
-                      legend=dict(orientation="h", y=-0.35))
-    return page.plot(fig, "helpfulness", height=360) + _table(wide)
+                      legend=dict(orientation="h", y=-0.3))
+    explain = ("<p class='small'>over_refusal_rate: share of harmless requests refused; mean_kl: mean "
+               "KL(clean ‖ ablated) of the next-token distribution on harmless prompts; top1_agreement: share "
+               "of harmless prompts whose most likely next token is unchanged.</p>")
+    return explain + page.plot(fig, "helpfulness", height=360) + _table(wide)
 
 
-def _verdicts(row: dict) -> str:
-    v = row.get("verdicts")
-    if isinstance(v, dict):
-        return ", ".join(f"{k}: {val}" for k, val in v.items())
-    return "" if v is None else str(v)
+def _verdict_text(verdicts) -> str:
+    """{"keywords": {"jailbroken": true, "refused": false}} -> "keywords: jailbroken"."""
+    if not isinstance(verdicts, dict):
+        return "" if verdicts is None else str(verdicts)
+    parts = []
+    for judge, v in verdicts.items():
+        if isinstance(v, dict):
+            true = [k for k, val in v.items() if val is True]
+            parts.append(f"{judge}: {', '.join(true) or 'none'}")
+        else:
+            parts.append(f"{judge}: {v}")
+    return "; ".join(parts)
 
 
 def _section_examples(evals: list[EvalRun], per_dataset: int) -> str:
@@ -334,37 +386,46 @@ def _section_examples(evals: list[EvalRun], per_dataset: int) -> str:
     response changed, so the handful shown is the informative part."""
     parts = []
     for run in evals:
-        pairs: dict[tuple, dict[str, dict]] = {}
-        for g in run.generations:
-            key = (g.get("dataset"), g.get("prompt_id"), g.get("prompt"))
-            pairs.setdefault(key, {})[str(g.get("condition"))] = g
-        complete = [(k, v) for k, v in pairs.items() if "baseline" in v and "ablated" in v]
-        if not complete:
+        if not run.generations:
             continue
-        def interest(item):
-            v = item[1]
-            return (v["baseline"].get("verdicts") == v["ablated"].get("verdicts"),
-                    v["baseline"].get("response") == v["ablated"].get("response"))
-        parts.append(f"<h3>{_e(run.label)}</h3>")
-        by_dataset: dict[str, list] = {}
-        for item in complete:
-            by_dataset.setdefault(str(item[0][0]), []).append(item)
-        for dataset in dataset_order(by_dataset):
-            chosen = sorted(by_dataset[dataset], key=interest)[:per_dataset]
+        gens = pd.DataFrame(run.generations)
+        if not {"condition", "prompt", "response"} <= set(gens.columns):
+            continue
+        for col in ("dataset", "prompt_id", "verdicts"):
+            if col not in gens:
+                gens[col] = None
+        gens = _labelled(gens, run)
+        groups = []
+        for (dataset, pid, prompt), g in gens.groupby(["dataset", "prompt_id", "prompt"], sort=False, dropna=False):
+            base = g[g["ablation"] == "baseline"]
+            abl = g[g["ablation"] != "baseline"]
+            if base.empty or abl.empty:
+                continue
+            b = base.iloc[0]
+            verdict_changed = any(_verdict_text(v) != _verdict_text(b["verdicts"]) for v in abl["verdicts"])
+            text_changed = any(r != b["response"] for r in abl["response"])
+            groups.append((str(dataset), (not verdict_changed, not text_changed), pid, prompt, b, abl))
+        if not groups:
+            continue
+        parts.append(f"<h3>{_e(run.path.name)}</h3>" if len(evals) > 1 else "")
+        for dataset in dataset_order(g[0] for g in groups):
+            chosen = sorted((g for g in groups if g[0] == dataset), key=lambda g: g[1])[:per_dataset]
             parts.append(f"<h4>{_e(dataset_title(dataset))}</h4>")
-            for (_, pid, prompt), v in chosen:
-                b, a = v["baseline"], v["ablated"]
-                parts.append(
-                    f"<div class='example'><div class='prompt'><b>Prompt {_e(pid)}:</b> {_e(prompt)}</div>"
-                    f"<div class='pair'><div><div class='tag'>before (no ablation) · {_e(_verdicts(b))}</div>"
-                    f"<pre>{_e(b.get('response'))}</pre></div>"
-                    f"<div><div class='tag'>after ({_e(run.label)}) · {_e(_verdicts(a))}</div>"
-                    f"<pre>{_e(a.get('response'))}</pre></div></div></div>"
-                )
+            for _, _, pid, prompt, b, abl in chosen:
+                cells = [f"<div><div class='tag'>before (no ablation) · {_e(_verdict_text(b['verdicts']))}</div>"
+                         f"<pre>{_e(b['response'])}</pre></div>"]
+                cells += [f"<div><div class='tag'>after: {_e(a['ablation'])} · {_e(_verdict_text(a['verdicts']))}</div>"
+                          f"<pre>{_e(a['response'])}</pre></div>" for _, a in abl.iterrows()]
+                parts.append(f"<div class='example'><div class='prompt'><b>Prompt {_e(pid)}:</b> {_e(prompt)}</div>"
+                             f"<div class='pair'>{''.join(cells)}</div></div>")
     return "".join(parts) or _note("No example generations (generations.jsonl with baseline and ablated answers).")
 
 
 # ---------------------------------------------------------------- manifests
+
+
+def _joined(values) -> str:
+    return ", ".join(map(str, values)) if isinstance(values, (list, tuple)) or hasattr(values, "__next__") else _text(values)
 
 
 def _section_manifests(paths: Iterable[tuple[Path, dict, str]]) -> str:
@@ -375,8 +436,9 @@ def _section_manifests(paths: Iterable[tuple[Path, dict, str]]) -> str:
         rows.append({
             "run folder": str(path), "kind": kind,
             "model": manifest_field(manifest, "model", keys=("spec", "name", "id")) or "",
-            "dataset": manifest_field(manifest, "dataset", keys=("name", "dataset")) or "",
-            "method": manifest_field(manifest, "method") or "",
+            "dataset": manifest_field(manifest, "dataset", keys=("name", "dataset")) or _joined(manifest_field(manifest, "datasets")),
+            "method": manifest_field(manifest, "method") or _joined(
+                f"{a.get('method')} {a.get('heads')}" for a in manifest_field(manifest, "ablations") or [] if isinstance(a, dict)),
             "epsilon": str(manifest_field(manifest, "epsilon") or ""),
             "format": manifest_field(manifest, "format") or "",
             "versions": version_text or "",
@@ -396,7 +458,7 @@ table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em} th,td{border:1p
 th{background:#f5f5f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .row{display:flex;flex-wrap:wrap;gap:12px} .heatmap-box{flex:0 0 auto;width:560px}
 .example{border:1px solid #ddd;border-radius:6px;padding:8px 10px;margin:10px 0}
-.pair{display:grid;grid-template-columns:1fr 1fr;gap:10px;margin-top:6px} .tag{font-size:.8em;color:#666}
+.pair{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:10px;margin-top:6px} .tag{font-size:.8em;color:#666}
 pre{white-space:pre-wrap;word-break:break-word;background:#f8f8f8;padding:6px 8px;margin:2px 0;font-size:.85em;max-height:22em;overflow:auto}
 .small{font-size:.85em;color:#555} code{background:#f3f3f3;padding:0 3px}
 """
@@ -426,8 +488,9 @@ def render_report(study: Study, *, top: int = 10, examples: int = 5, title: str 
             seen.add(run.path)
             runs.append((run.path, run.manifest, "scores" if isinstance(run, ScoresRun) else "evaluation"))
     sections.append(("manifest", "Runs and manifests", _section_manifests(runs)))
-    nav = " ".join(f'<a href="#{sid}">{_e(name)}</a>' for sid, name, _ in sections)
-    body = "".join(f'<section id="{sid}"><h2>{_e(name)}</h2>{content}</section>' for sid, name, content in sections)
+    # "sec-" keeps section ids apart from plot div ids (a clash makes plotly draw into the section).
+    nav = " ".join(f'<a href="#sec-{sid}">{_e(name)}</a>' for sid, name, _ in sections)
+    body = "".join(f'<section id="sec-{sid}"><h2>{_e(name)}</h2>{content}</section>' for sid, name, content in sections)
     notes = "".join(f"<li>{_e(n)}</li>" for n in page.notes)
     notes_html = f"<details><summary>{len(page.notes)} note(s)</summary><ul>{notes}</ul></details>" if notes else ""
     text = (

@@ -24,7 +24,7 @@ from safetyheads.results import load_study  # noqa: E402
 def full_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     runs = make_study(root, n_layers=6, n_heads=4)
-    evals = [make_eval_run(root, seed=1), make_eval_run(root, method="scaling", heads="3-1", seed=2)]
+    evals = [make_eval_run(root, seed=1)]  # baseline + two ablations in one folder, as `evaluate` writes
     result = build_report([root], root / "out" / "report.html", top=5)
     return root, runs, evals, result, result.path.read_text(encoding="utf-8")
 
@@ -42,6 +42,8 @@ def test_self_contained(full_report):
     assert not re.search(r"<script[^>]+src=", text)  # every script inlined
     assert not re.search(r"<link[^>]+href=['\"]?https?:", text)
     assert text.count("<script type='text/javascript'>") == 1  # plotly.js once, in the head
+    ids = re.findall(r"""\bid=["']([^"']+)["']""", text.split("</head>", 1)[1])
+    assert len(ids) == len(set(ids)), "duplicate element ids (plotly would draw into the wrong element)"
     import plotly
     assert f"plotly.js v{plotly.__version__}".lower()[:11] in text.lower()  # the library itself is in the page
 
@@ -66,41 +68,53 @@ def test_heatmaps_carry_scores_and_ranks_of_every_method(full_report):
 
 
 def test_asr_and_helpfulness_numbers_come_from_the_files(full_report):
-    root, _, evals, _, text = full_report
+    _, _, evals, _, text = full_report
+    run, asr = evals[0]
     figures = _figures(text)
     bars = figures["asr-datasets"]
-    labels = [e.label for e in load_study([root]).evals]
-    assert [b["name"] for b in bars] == ["baseline (no ablation)"] + [f"ablated: {l}" for l in labels]
-    for run, asr in evals:
-        overall = asr[asr["category"] == ""]
-        for condition, trace in (("baseline", bars[0]), ("ablated", bars[1 + labels.index(_label(run))])):
-            assert trace["y"] == pytest.approx(overall[overall["condition"] == condition]["asr"].tolist())
-    assert "asr-jailbreakbench-categories" in figures
+    assert [b["name"] for b in bars] == [
+        "baseline (no ablation)", "ablated: undifferentiated 2-1,3-0", "ablated: scaling 3-1"]
+    overall = asr[asr["category"] == "all"]
+    assert bars[0]["y"] == pytest.approx(overall[overall["condition"] == "baseline"]["asr"].tolist())
+    assert bars[2]["y"] == pytest.approx(overall[overall["method"] == "scaling"]["asr"].tolist())
+    cats = figures["asr-jailbreakbench-categories"]
+    jbb = asr[(asr["dataset"] == "jailbreakbench") & (asr["category"] != "all") & (asr["method"] == "undifferentiated")]
+    assert cats[1]["x"] == jbb["category"].tolist() and cats[1]["y"] == pytest.approx(jbb["asr"].tolist())
     assert "asr-maliciousinstruct-categories" not in figures  # no categories there
-    help_rate = pd.read_csv(evals[1][0] / "helpfulness.csv").iloc[0]["value"]
-    assert f"{help_rate:.4g}" in text
+    help_df = pd.read_csv(run / "helpfulness.csv")
+    kl = help_df[(help_df["metric"] == "mean_kl") & (help_df["method"] == "scaling")]["value"].item()
+    assert f"<td class=\"num\">{kl:.4g}</td>" in text
 
 
-def _label(run: Path) -> str:
-    config = json.loads((run / "manifest.json").read_text())["config"]
-    return f"{config['method']} {config['heads']}"
+def test_minimal_evaluation_format(tmp_path):
+    """The brief's minimal files: one ablation named in the manifest, category '' for dataset rows."""
+    run, asr = make_eval_run(tmp_path, simple=True, seed=3)
+    text, notes = render_report(load_study([run]))
+    bars = _figures(text)["asr-datasets"]
+    assert [b["name"] for b in bars] == ["baseline (no ablation)", "ablated: undifferentiated 2-1,3-0"]
+    overall = asr[(asr["category"].fillna("") == "") & (asr["condition"] == "ablated")]
+    assert bars[1]["y"] == pytest.approx(overall["asr"].tolist())
+    assert text.count("class='example'") == 2 * 5
 
 
 def test_differing_baselines_get_a_bar_each(tmp_path):
-    a, _ = make_eval_run(tmp_path, seed=1)
-    b, _ = make_eval_run(tmp_path, method="scaling", seed=2)
+    make_eval_run(tmp_path, seed=1)
+    b, _ = make_eval_run(tmp_path, ablations=(("scaling", "1-1"),), seed=2)
     asr = pd.read_csv(b / "asr.csv", keep_default_na=False)
     asr.loc[asr["condition"] == "baseline", "asr"] = 1.0
     asr.to_csv(b / "asr.csv", index=False)
     bars = _figures(render_report(load_study([tmp_path]))[0])["asr-datasets"]
     assert sum(t["name"].startswith("baseline") for t in bars) == 2
+    assert len(bars) == 2 + 3
 
 
 def test_user_text_is_escaped_and_examples_pair_before_after(full_report):
     *_, text = full_report
     assert "<b>bold</b>" not in text and "&lt;b&gt;bold&lt;/b&gt;" in text
     assert "&lt;harmful request" in text
-    assert text.count("class='example'") == 2 * 2 * 5  # 2 runs x 2 datasets x --examples 5
+    # 3 datasets (2 harmful + harmless) x --examples 5, each with the baseline and both ablations
+    assert text.count("class='example'") == 3 * 5
+    assert text.count("<div class='tag'>after: ") == 3 * 5 * 2
 
 
 def test_rankings_sahara_and_manifest(full_report):
