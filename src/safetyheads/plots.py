@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import UsageError
-from .results import Study, dataset_title, load_study, method_title
+from .results import Study, dataset_title, load_study, method_title, normalise_dataset
 
 FORMATS = ("png", "svg", "pdf")
 COLORMAP = "coolwarm"
@@ -72,7 +72,11 @@ def draw_figure(
         raise UsageError("no Generalized Ships results in the given run folders (generalized_ships.csv)")
     if len(study.models) > 1:
         raise UsageError(f"the runs come from different models ({', '.join(study.models)}); give one model's runs")
+    methods = {m for runs in grouped.values() for m in runs}
+    if color_method not in methods:
+        raise UsageError(f"no {color_method} runs to colour by (have: {', '.join(sorted(methods))})")
     if datasets:
+        datasets = [normalise_dataset(d) for d in datasets]
         unknown = [d for d in datasets if d not in grouped]
         if unknown:
             raise UsageError(f"no scores for dataset(s) {', '.join(unknown)} (have: {', '.join(grouped)})")

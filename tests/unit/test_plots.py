@@ -49,10 +49,11 @@ def test_figure_panels_colours_and_markers(tmp_path):
     assert len(colorbars) == 2
 
 
-def test_method_color_selects_the_shaded_run(tmp_path):
+def test_method_color_and_dataset_choice(tmp_path):
     runs = make_study(tmp_path, n_layers=4, n_heads=3)
-    fig = draw_figure(load_study([tmp_path]), color_method="scaling")
-    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), runs[("jailbreakbench", "scaling")][1].T)
+    fig = draw_figure(load_study([tmp_path]), color_method="scaling", datasets=["MaliciousInstruct"])
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["Top 10 Safety Heads on MaliciousInstruct"]
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), runs[("maliciousinstruct", "scaling")][1].T)
 
 
 @pytest.mark.parametrize("n_layers,n_heads", [(24, 14), (32, 32), (80, 64)])
@@ -110,6 +111,8 @@ def test_user_errors(tmp_path):
         paper_figure([tmp_path / "ok"], tmp_path / "f.png", formats=["jpg"])
     with pytest.raises(UsageError, match="--top"):
         paper_figure([tmp_path / "ok"], tmp_path / "f.png", top=0)
+    with pytest.raises(UsageError, match="no mean runs"):
+        paper_figure([tmp_path / "ok"], tmp_path / "f.png", color_method="mean")
     with pytest.raises(UsageError, match="advbench"):
         paper_figure([tmp_path / "ok"], tmp_path / "f.png", datasets=["advbench"])
     make_scores_run(tmp_path / "other", dataset="advbench", method="scaling", model="another-model")
