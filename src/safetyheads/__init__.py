@@ -8,3 +8,8 @@ from .errors import SafetyHeadsError, UsageError, UnsupportedModelError, Downloa
 from .results import Study, load_study  # noqa: F401,E402  (run folders read back for display)
 from .plots import paper_figure  # noqa: F401,E402
 from .report import build_report  # noqa: F401,E402
+from .models import BUILTIN_MODELS, DEFAULT_MODEL, LoadedModel, load_model  # noqa: F401,E402
+from .data import DATASETS, PromptSet, load_prompts  # noqa: F401,E402
+from .prompts import FORMATS, Encoded, encode, format_prompts  # noqa: F401,E402
+from .config import DataConfig, ModelConfig, PromptConfig, RunConfig  # noqa: F401,E402
+from .runs import RunDir  # noqa: F401,E402
