@@ -159,10 +159,14 @@ def paper_figure(
     paths = _outputs(Path(out), formats)
     notes = list(study.notes)
     fig = draw_figure(study, top=top, color_method=color_method, datasets=datasets, notes=notes)
+    import matplotlib
+
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         fmt = path.suffix.lstrip(".")
-        # No timestamps in SVG/PDF, so regenerating an unchanged figure gives an unchanged file.
+        # No timestamps and a fixed SVG id salt, so regenerating an unchanged figure gives an
+        # unchanged file (the README's figure is committed).
         metadata = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]
-        fig.savefig(path, dpi=300, format=fmt, metadata=metadata)
+        with matplotlib.rc_context({"svg.hashsalt": "safetyheads"}):
+            fig.savefig(path, dpi=300, format=fmt, metadata=metadata)
     return FigureResult(paths=paths, notes=notes)

@@ -79,6 +79,15 @@ def test_files_written_png_300dpi_svg_pdf(tmp_path):
     assert result.paths[2].read_bytes()[:5] == b"%PDF-"
 
 
+def test_same_runs_same_bytes(tmp_path):
+    """The README's figure is committed: regenerating it from unchanged runs must not change the file."""
+    make_study(tmp_path / "runs", n_layers=5, n_heads=3)
+    first = paper_figure([tmp_path / "runs"], tmp_path / "a", formats=["svg", "pdf"]).paths
+    second = paper_figure([tmp_path / "runs"], tmp_path / "b", formats=["svg", "pdf"]).paths
+    for one, two in zip(first, second):
+        assert one.read_bytes() == two.read_bytes()
+
+
 def test_single_method_and_missing_optional_files(tmp_path):
     _, scores = make_scores_run(tmp_path, dataset="maliciousinstruct", method="scaling", summary=False,
                                 sahara=False, manifest_sizes=False, n_layers=5, n_heads=3)
