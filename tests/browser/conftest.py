@@ -10,8 +10,10 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -37,7 +39,11 @@ class Page:
     def __init__(self, ws_url: str) -> None:
         import websocket  # websocket-client (pinned in requirements.lock)
 
-        self.ws = websocket.create_connection(ws_url, timeout=30, suppress_origin=True)
+        # Our own loopback socket: websocket-client would otherwise route through an http_proxy
+        # from the environment (its no-proxy option only applies to an explicit proxy).
+        host, port = urllib.parse.urlsplit(ws_url).hostname, urllib.parse.urlsplit(ws_url).port
+        sock = socket.create_connection((host, port), timeout=30)
+        self.ws = websocket.create_connection(ws_url, timeout=30, suppress_origin=True, socket=sock)
         self._ids = itertools.count(1)
         self.errors: list[str] = []
         self.events: list[dict] = []
@@ -120,7 +126,8 @@ class Chromium:
         self.port = int(port_file.read_text().split()[0])
 
     def new_page(self) -> Page:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=10) as resp:
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
+        with no_proxy.open(f"http://127.0.0.1:{self.port}/json/list", timeout=10) as resp:
             targets = json.load(resp)
         page = next(t for t in targets if t.get("type") == "page")
         return Page(page["webSocketDebuggerUrl"])
