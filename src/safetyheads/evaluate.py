@@ -107,15 +107,20 @@ def heads_from_scores(run_dir: str | Path, top: int, method: str) -> list[Head]:
     return [(int(layer), int(head)) for layer, head in zip(table["layer"], table["head"])]
 
 
-def build_ablations(*, n_layers: int, n_heads: int, ablate: Sequence[str] = (), from_runs: Sequence[str | Path] = (),
+def build_ablations(*, n_layers: int | None, n_heads: int | None, ablate: Sequence[str] = (), from_runs: Sequence[str | Path] = (),
                     top: Sequence[int] = (), methods: Sequence[str] = ("undifferentiated",),
                     epsilon: float = 1e-5) -> list[Ablation]:
     """Ablated conditions = (each `--ablate` head list, each `--top K` of the scores runs) x each method.
 
     With `--from`, the heads for method m are the top K of m's Generalized Ships ranking (the first
-    run folder that has scores for m)."""
+    run folder that has scores for m). With `n_layers=None` the options and the score files are
+    checked without a model (head lists from `ablate` are then skipped): a fast check before loading."""
     from .ablation import METHODS, parse_heads
 
+    top = [top] if isinstance(top, int) else list(top)
+    ablate = [ablate] if isinstance(ablate, str) else list(ablate)
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    from_runs = [from_runs] if isinstance(from_runs, (str, Path)) else list(from_runs)
     if ablate and from_runs:
         raise UsageError("give either --ablate or --from/--top, not both")
     if from_runs and not top:
@@ -129,7 +134,7 @@ def build_ablations(*, n_layers: int, n_heads: int, ablate: Sequence[str] = (), 
             raise UsageError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
     out: list[Ablation] = []
     for m in methods:
-        for spec in ablate:
+        for spec in ablate if n_layers is not None else ():
             out.append(Ablation(tuple(parse_heads(spec, n_layers, n_heads)), m, epsilon))
         for k in top:
             heads, errors = None, []
@@ -142,7 +147,7 @@ def build_ablations(*, n_layers: int, n_heads: int, ablate: Sequence[str] = (), 
                     errors.append(str(exc))
             if heads is None:
                 raise UsageError(errors[0] if len(errors) == 1 else "; ".join(errors))
-            for layer, head in heads:
+            for layer, head in heads if n_layers is not None else ():
                 if not (0 <= layer < n_layers and 0 <= head < n_heads):
                     raise UsageError(f"head {layer}-{head} from {src} is outside this model ({n_layers}x{n_heads})")
             out.append(Ablation(tuple(heads), m, epsilon, source=src))
@@ -278,12 +283,6 @@ def asr_table(gens: pd.DataFrame, judge_names: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The API
 
@@ -297,13 +296,17 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
              column: str | None = None, limit: int | None = None, sample: int | None = None, data_seed: int = 0,
              data_dir: str | None = None, helpfulness: bool = True, harmless_limit: int | None = None,
              lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None, batch_size: int = 16,
-             out: str | Path | None = None, resume: bool = False, force: bool = False, quiet: bool = False,
+             reuse: Sequence[str | Path] = (), out: str | Path | None = None, resume: bool = False,
+             force: bool = False, quiet: bool = False,
              device: str = "auto", dtype: str = "float32", revision: str | None = None) -> EvalResult:
     """Baseline vs ablated generations on `datasets`, judged; ASR and helpfulness; written to `out`.
 
     `model` is a model spec (see `models.load_model`) or an already loaded `LoadedModel`.
     The ablated conditions are `ablations`, or built from `ablate` / `from_runs` + `top` x `methods`
-    (see `build_ablations`). With `out=None` nothing is written (API use, tests)."""
+    (see `build_ablations`). With `out=None` nothing is written (API use, tests).
+    `reuse`: earlier evaluate run folders whose generations are reused where everything that
+    determines them matches (model weights, format, decoding, prompt, ablation) - typically the
+    baseline, so a new ablation costs only its own generations."""
     from .ablation import num_layers_heads
     from .data import load_prompts
 
@@ -322,6 +325,9 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     harmless = None
     if helpfulness:
         harmless = load_prompts(HARMLESS, limit=harmless_limit, data_dir=data_dir)
+    if ablations is None:  # check --from/--top and the score files before spending time on the model
+        build_ablations(n_layers=None, n_heads=None, ablate=ablate, from_runs=from_runs, top=top, methods=methods,
+                        epsilon=epsilon)
     seed = resolve_seed(greedy, seed)
 
     loaded = _load(model, device=device, dtype=dtype, revision=revision)
@@ -348,6 +354,13 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
                     resume=resume, force=force)
     run_path = Path(run.path) if run is not None else None
     cache = ResponseCache(run_path / "responses.jsonl" if run_path else None)
+    reusable: dict[str, dict] = {}
+    for folder in reuse:
+        f = Path(folder) / "responses.jsonl"
+        if not f.is_file():
+            raise UsageError(f"--reuse {folder}: no responses.jsonl there (not an evaluate run folder)")
+        reusable.update(ResponseCache(f).rows)
+    n_reused = 0
 
     # 1. generate (baseline first, then each ablation), reusing cached rows
     all_sets = prompt_sets + ([harmless] if harmless is not None else [])
@@ -358,6 +371,10 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
             ckey = BASELINE if cond is None else cond.key
             keys = [_row_key(gen_key, ps.name, pid, p, ckey) for pid, p in zip(ps.ids, ps.prompts)]
             wanted += keys
+            copied = [reusable[k] for k in keys if k not in cache.rows and k in reusable]
+            if copied:  # copy into this run's cache: the run folder stays self-contained
+                cache.add(copied)
+                n_reused += len(copied)
             todo = [i for i, k in enumerate(keys) if k not in cache.rows]
             if not todo:
                 continue
@@ -388,21 +405,24 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     out_gens["verdicts"] = [
         {j: out_gens.at[i, f"_v_{j}"].to_dict() for j in judge_names} for i in range(len(out_gens))]
     out_gens = out_gens.drop(columns=[f"_v_{j}" for j in judge_names] + ["key"])
-    if run_path is not None:
+    if run is not None:
         lines = [json.dumps(r, ensure_ascii=False, default=_json_default) for r in out_gens.to_dict("records")]
         if harmless is not None:  # harmless responses too, judged by the keyword judges (over-refusal)
             lines += _harmless_lines(gens[gens["dataset"] == HARMLESS], judge_objs)
-        _atomic_write_text(run_path / "generations.jsonl", "\n".join(lines) + "\n")
-        _atomic_write_text(run_path / "asr.csv", asr.to_csv(index=False))
+        run.write_text("generations.jsonl", "\n".join(lines) + "\n")
+        outputs = ["generations.jsonl", "asr.csv"]
+        run.write_table("asr", asr, formats=("csv",))
         if help_df is not None:
-            _atomic_write_text(run_path / "helpfulness.csv", help_df.to_csv(index=False))
+            run.write_table("helpfulness", help_df, formats=("csv",))
+            outputs.append("helpfulness.csv")
         if help_df is not None or lm_eval_res is not None:
-            payload = {"metrics": help_df.to_dict("records") if help_df is not None else [],
-                       "lm_eval": lm_eval_res}
-            _atomic_write_text(run_path / "helpfulness.json",
-                               json.dumps(payload, indent=2, default=_json_default, allow_nan=True))
-        run.finish(outputs=["generations.jsonl", "asr.csv"]
-                   + (["helpfulness.csv", "helpfulness.json"] if help_df is not None else []))
+            run.write_json("helpfulness", {"metrics": help_df.to_dict("records") if help_df is not None else [],
+                                           "lm_eval": lm_eval_res})
+            outputs.append("helpfulness.json")
+        overall = asr[asr["category"] == "all"]
+        run.finish(outputs=outputs, seed=seed, reused_rows=n_reused,
+                   asr=[{k: r[k] for k in ("dataset", "condition", "heads", "method", "judge", "n", "asr")}
+                        for r in overall.to_dict("records")])
     return EvalResult(run_dir=run_path, asr=asr, helpfulness=help_df, generations=out_gens, ablations=ablations,
                       lm_eval=lm_eval_res, seed=seed)
 
@@ -416,9 +436,11 @@ def _json_default(obj):
 
 
 def _load(model, **kwargs):
-    """A model spec -> LoadedModel (an already loaded one is used as is)."""
+    """A model spec or ModelConfig -> LoadedModel (an already loaded one is used as is)."""
     if hasattr(model, "model") and hasattr(model, "tokenizer"):
         return model
+    if hasattr(model, "load"):  # config.ModelConfig
+        return model.load()
     from .models import load_model
 
     return load_model(model, **kwargs)
@@ -498,5 +520,5 @@ def _open_run(out, *, config, loaded, prompt_sets, resume, force):
         return None
     from .runs import RunDir
 
-    return RunDir.open(out, command="evaluate", config=config, model=loaded, datasets=prompt_sets,
+    return RunDir.open(out, config, command="evaluate", model=loaded, datasets=prompt_sets,
                        resume=resume, force=force)
