@@ -13,3 +13,4 @@ from .data import DATASETS, PromptSet, load_prompts  # noqa: F401,E402
 from .prompts import FORMATS, Encoded, encode, format_prompts  # noqa: F401,E402
 from .config import DataConfig, ModelConfig, PromptConfig, RunConfig  # noqa: F401,E402
 from .runs import RunDir  # noqa: F401,E402
+from .ablation import METHODS, SUPPORTED_ARCHITECTURES, HeadAblator, ablated, check_supported, num_layers_heads, parse_heads, parse_layers, surgery  # noqa: F401,E402
