@@ -257,6 +257,8 @@ class ShardedRun:
         self._info = dist_info
         self._skip: set[str] = set()         # chunks this rank must not compute (done, or another rank's)
         self._pending: dict[str, object] = {}
+        self._chunks_per_rank = [0] * dist_info.world_size   # provenance for the manifest
+        self._batch_sizes: set[int] = set()  # every batch size this rank's sweeps finally used
 
     @classmethod
     def open(cls, open_run: Callable[[], object]) -> "ShardedRun":
@@ -295,7 +297,10 @@ class ShardedRun:
             return [k for k in costs if not self._run.chunk_done(k)]
         done = broadcast([k for k in costs if self._run.chunk_done(k)] if self._info.is_main else None)
         pending = [k for k in costs if k not in set(done)]
-        mine = {pending[i] for i in shard([float(costs[k]) for k in pending])}
+        pending_costs = [float(costs[k]) for k in pending]
+        for r in range(self._info.world_size):
+            self._chunks_per_rank[r] += len(shard(pending_costs, self._info.world_size, r))
+        mine = {pending[i] for i in shard(pending_costs)}
         self._skip = set(costs) - mine
         return [k for k in pending if k in mine]
 
@@ -317,13 +322,34 @@ class ShardedRun:
         if not self.distributed:
             return
         parts: list = [None] * self._info.world_size
-        dist.all_gather_object(parts, self._pending)
+        dist.all_gather_object(parts, (self._pending, sorted(self._batch_sizes)))
         self._pending = {}
         if self._info.is_main:
-            received = {k: v for part in parts[1:] for k, v in part.items()}
+            for _, sizes in parts:
+                self._batch_sizes.update(sizes)
+            received = {k: v for part, _ in parts[1:] for k, v in part.items()}
             for key in sorted(received):
                 self._run.write_chunk(key, received[key])
         barrier()
+
+    def record_batch_size(self, batch_size: int) -> None:
+        """Note the batch size a sweep finally used (after any out-of-memory halving)."""
+        self._batch_sizes.add(int(batch_size))
+
+    def finish(self, extra: dict | None = None, **more) -> None:
+        """The run folder's `finish`, on rank 0, after recording in the manifest how the work was
+        spread (`world_size`, `chunks_per_rank`) and the batch size the sweeps used (`batch_size`:
+        the smallest any sweep on any rank ended with; `batch_sizes`: all of them)."""
+        if self._run is None:
+            return
+        fields: dict = {"world_size": self._info.world_size}
+        if self.distributed:
+            fields["chunks_per_rank"] = list(self._chunks_per_rank)
+        if self._batch_sizes:
+            fields["batch_size"] = min(self._batch_sizes)
+            fields["batch_sizes"] = sorted(self._batch_sizes)
+        self._run.update_manifest(**fields)
+        self._run.finish(extra, **more)
 
     def read_chunks(self, prefix: str):
         """Collective: rank 0's `read_chunks(prefix)`, on every rank (a decision made from it, such
