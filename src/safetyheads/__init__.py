@@ -14,3 +14,4 @@ from .prompts import FORMATS, Encoded, encode, format_prompts  # noqa: F401,E402
 from .config import DataConfig, ModelConfig, PromptConfig, RunConfig  # noqa: F401,E402
 from .runs import RunDir  # noqa: F401,E402
 from .ablation import METHODS, SUPPORTED_ARCHITECTURES, HeadAblator, ablated, check_supported, num_layers_heads, parse_heads, parse_layers, surgery  # noqa: F401,E402
+from .engine import CleanCache, SweepResult, prepare, sweep  # noqa: F401,E402
