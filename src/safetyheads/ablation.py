@@ -18,6 +18,7 @@ import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -524,3 +525,38 @@ def surgery(model: nn.Module, heads: Sequence[Head], method: str, epsilon: float
         if q.bias is not None:
             q.bias[rows] *= factor
     return model
+
+
+def surgery_checkpoint(model_config: Any, heads: str | Sequence[Head], method: str, epsilon: float, out: str,
+                       force: bool = False) -> Path:
+    """Load the model `model_config` (a config.ModelConfig) describes, realise the ablation in its
+    weights and write an ordinary Hugging Face checkpoint (safetensors, config, tokenizer) to `out`,
+    with `safetyheads_surgery.json` saying what was done to which model."""
+    import json
+
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise UsageError(f"output folder {out} is not empty; choose another --out or pass --force")
+    check_method(method)
+    if method == "mean":
+        raise UnsupportedModelError("surgery cannot realise 'mean' ablation; use undifferentiated, uniform or scaling")
+    if method != "uniform":
+        check_epsilon(epsilon)
+    loaded = model_config.load()
+    model = loaded.model
+    n_layers, n_heads = num_layers_heads(model)
+    head_list = parse_heads(heads, n_layers, n_heads) if isinstance(heads, str) else _check_heads(heads, n_layers, n_heads)
+    surgery(model, head_list, method, epsilon)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    loaded.tokenizer.save_pretrained(out_dir)
+    note = {
+        "heads": [list(h) for h in head_list],
+        "method": method,
+        "epsilon": None if method == "uniform" else float(epsilon),
+        "model": getattr(loaded, "spec", None),
+        "source": getattr(loaded, "source", None),
+        "weights_sha256": getattr(loaded, "weights_sha256", None),
+    }
+    (out_dir / "safetyheads_surgery.json").write_text(json.dumps(note, indent=2) + "\n")
+    return out_dir
