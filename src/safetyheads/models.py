@@ -496,7 +496,8 @@ def _load_pretrained(
         )
         tokenizer = AutoTokenizer.from_pretrained(load_from, **kwargs)
     except OSError as exc:
-        raise DownloadError(f"cannot load the weights of {spec!r}: {_first_line(exc)}") from None
+        error = DownloadError if is_hub else UsageError
+        raise error(f"cannot load the weights of {spec!r}: {_first_line(exc)}") from None
     if device is not None:
         model.to(device)
     model.eval()

@@ -197,3 +197,10 @@ def test_unsupported_architecture_rejected(tmp_path):
     with pytest.raises(UnsupportedModelError):
         load_model(str(out), device="cpu")
     assert load_model(str(out), device="cpu", check_supported=False).describe()["model_type"] == "gpt2"
+
+
+def test_directory_without_weights(tmp_path):
+    LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="cannot load the weights"):
+        load_model(str(tmp_path), device="cpu")
