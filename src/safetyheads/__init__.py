@@ -15,3 +15,5 @@ from .config import DataConfig, ModelConfig, PromptConfig, RunConfig  # noqa: F4
 from .runs import RunDir  # noqa: F401,E402
 from .ablation import METHODS, SUPPORTED_ARCHITECTURES, HeadAblator, ablated, check_supported, num_layers_heads, parse_heads, parse_layers, surgery  # noqa: F401,E402
 from .engine import CleanCache, SweepResult, prepare, sweep  # noqa: F401,E402
+from .scores import generalized_ships, kl_from_logprobs, principal_angles  # noqa: F401,E402
+from .analyses import GShipsResult, SaharaResult, ShipsResult, run_gships, run_sahara, run_ships  # noqa: F401,E402
