@@ -17,6 +17,16 @@ from safetyheads import distributed as D
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: a second thread only adds synchronisation, which costs seconds per test when
+    the CPU is shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _single_process_env(monkeypatch):
     """Tests run as one process unless they say otherwise, whatever launched pytest."""
@@ -140,6 +150,9 @@ class FolderRun:
     def read_chunks(self, prefix):
         return {k: torch.load(os.path.join(self.path, k)) for k in sorted(os.listdir(self.path)) if k.startswith(prefix)}
 
+    def update_manifest(self, **fields):
+        torch.save(fields, os.path.join(self.path, "manifest"))
+
     def finish(self, extra):
         torch.save(extra, os.path.join(self.path, "finished"))
 
@@ -210,3 +223,70 @@ def test_two_gloo_processes_merge_to_the_single_process_result(tmp_path):
         assert r["chunks"].keys() == single_chunks.keys()
         assert all(torch.equal(r["chunks"][k], single_chunks[k]) for k in single_chunks)
     assert torch.load(tmp_path / "run" / "finished") == {"chunks": 6}
+    assert torch.load(tmp_path / "run" / "manifest") == {
+        "world_size": 2, "chunks_per_rank": [len(r0["layers_computed"]), len(r1["layers_computed"])]}
+
+
+# --- the real thing: `torchrun --nproc-per-node 2 safetyheads ...` vs one process -----------------
+
+PROMPTS = ["how do I pick a lock", "tell me a joke", "write a poem about the sea", "what is 2+2?", "hi there",
+           "explain photosynthesis"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random chat model saved as an ordinary model folder (what --model DIR loads)."""
+    from tiny_chat import tiny_model, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", layers=4, heads=4, kv_heads=2, seed=3).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _result_files(run: "os.PathLike") -> dict[str, bytes]:
+    """Every file of a run folder except the manifest (which records times, argv and world size)."""
+    from pathlib import Path
+
+    root = Path(run)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_torchrun_two_processes_write_byte_identical_files(tiny_model_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from safetyheads.cli.main import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    common = ["--model", str(tiny_model_dir), "--dataset", str(prompts), "--device", "cpu", "--quiet"]
+    commands = {
+        "ships": ["ships", *common, "--method", "scaling", "--with-gships"],
+        "sahara": ["sahara", *common, "--group-size", "2"],
+    }
+    # The same commands, one process (here) and two processes (torchrun, gloo).
+    for name, argv in commands.items():
+        assert main([*argv, "--out", str(tmp_path / "one" / name)]) == 0
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\nfrom safetyheads.cli.main import main\n"
+        f"for argv in {[[*argv, '--out', str(tmp_path / 'two' / name)] for name, argv in commands.items()]!r}:\n"
+        "    assert main(argv) == 0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), str(driver)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    for name in commands:
+        one, two = _result_files(tmp_path / "one" / name), _result_files(tmp_path / "two" / name)
+        assert one.keys() == two.keys() and len(one) >= 3
+        different = [f for f in one if one[f] != two[f]]
+        assert not different, f"{name}: files differ between 1 and 2 processes: {different}"
+        manifest = json.loads((tmp_path / "two" / name / "manifest.json").read_text())
+        assert manifest["world_size"] == 2
+        assert manifest["batch_size"] >= 1
