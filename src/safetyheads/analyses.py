@@ -12,7 +12,7 @@ The math lives in `scores.py`; this module only orchestrates.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import scores
+from . import distributed, scores
 from .errors import UsageError
 from .scores import Head
 
@@ -91,9 +91,11 @@ def _load_model(model: Any):
     """A `LoadedModel` from a LoadedModel, a ModelConfig or a model spec string."""
     from .models import DEFAULT_MODEL, LoadedModel, load_model
     if isinstance(model, LoadedModel):
+        distributed.setup(str(model.model.device))                       # [scale-out] join torchrun's group
         return model
     if model is None or isinstance(model, (str, Path)):
-        return load_model(str(model or DEFAULT_MODEL))
+        return load_model(str(model or DEFAULT_MODEL), device=distributed.setup("auto"))  # [scale-out]
+    model = replace(model, device=distributed.setup(model.device))      # [scale-out] cuda:LOCAL_RANK per rank
     return model.load()                                                  # config.ModelConfig
 
 
@@ -174,8 +176,10 @@ def _open_run(out: str | Path, inputs: _Inputs, *, resume: bool, force: bool):
     from .runs import RunDir
     if out is None:
         raise UsageError("--out RUN_DIR is required")
-    return RunDir.open(Path(out), inputs.config, resume=resume, force=force, command=inputs.command,
-                       model=inputs.loaded, datasets=inputs.prompt_set)
+    # [scale-out] only rank 0 touches the folder; see distributed.ShardedRun
+    return distributed.ShardedRun.open(lambda: RunDir.open(
+        Path(out), inputs.config, resume=resume, force=force, command=inputs.command,
+        model=inputs.loaded, datasets=inputs.prompt_set))
 
 
 def _clean_cache(inputs: _Inputs):
@@ -195,7 +199,14 @@ def _by_layer(heads: Sequence[Head]) -> dict[int, list[Head]]:
 
 
 def _progress(total: int, desc: str, quiet: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="abl", disable=quiet, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="abl", disable=quiet or not distributed.is_main(),  # [scale-out]
+                dynamic_ncols=True)
+
+
+def _plan(run, inputs: _Inputs, prefix: str, by_layer: dict[int, list[Head]], group: Sequence[Head] = ()) -> None:
+    """[scale-out] Share out the pending layer chunks among the ranks, by cost (a no-op in one process)."""
+    run.plan({f"{prefix}{layer:03d}": distributed.chunk_cost([list(group) + [h] for h in heads], inputs.n_layers)
+              for layer, heads in by_layer.items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +280,7 @@ def run_ships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = 
     run = _open_run(out, inputs, resume=resume, force=force)
     cache = _clean_cache(inputs)
     gships = (scores.clean_subspace(cache.clean_hidden, rank, center=center), rank, center) if with_gships else None
+    _plan(run, inputs, "ships_L", _by_layer(inputs.heads))                # [scale-out]
     with _progress(len(inputs.heads), f"ships {method}", quiet) as bar:
         for layer, layer_heads in _by_layer(inputs.heads).items():
             key = f"ships_L{layer:03d}"
@@ -279,6 +291,7 @@ def run_ships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = 
                     run.write_chunk(f"gships_L{layer:03d}", gtable)
                 run.write_chunk(key, table)
             bar.update(len(layer_heads))
+    run.sync(cache)                                                      # [scale-out]
     table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
     table = table[scores.SHIPS_COLUMNS].reset_index(drop=True)
     summary = scores.ships_summary(table)
@@ -327,6 +340,7 @@ def run_gships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     run = _open_run(out, inputs, resume=resume, force=force)
     cache = _clean_cache(inputs)
     clean_basis = scores.clean_subspace(cache.clean_hidden, rank, center=center)
+    _plan(run, inputs, "gships_L", _by_layer(inputs.heads))               # [scale-out]
     with _progress(len(inputs.heads), f"gships {method}", quiet) as bar:
         for layer, layer_heads in _by_layer(inputs.heads).items():
             key = f"gships_L{layer:03d}"
@@ -334,6 +348,7 @@ def run_gships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
                 values = _gships_scores(cache, [[h] for h in layer_heads], method, epsilon, clean_basis, rank, center)
                 run.write_chunk(key, scores.gships_table(layer_heads, values, method)[["layer", "head", "method", "score"]])
             bar.update(len(layer_heads))
+    run.sync(cache)                                                      # [scale-out]
     table = scores.rank_by_score(run.read_chunks("gships_"))
     run.write_table("generalized_ships", table)
     run.finish({"top_heads": _head_list(table.head(10))})
@@ -412,6 +427,7 @@ def run_sahara(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
         len(pool) + sum(min(top_k, len(pool)) - s for s in range(1, group_size))
     with _progress(total, f"sahara {method}", quiet) as bar:
         for step in range(1, group_size + 1):
+            _plan(run, inputs, f"sahara_S{step:03d}_L", _by_layer(remaining), group)  # [scale-out]
             for layer, layer_heads in _by_layer(remaining).items():
                 key = f"sahara_S{step:03d}_L{layer:03d}"
                 if not run.chunk_done(key):
@@ -423,6 +439,7 @@ def run_sahara(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
                         "head": np.array([h[1] for h in layer_heads], dtype=np.int64),
                         "score": values}))
                 bar.update(len(layer_heads))
+            run.sync(cache)                                              # [scale-out]
             step_scores = run.read_chunks(f"sahara_S{step:03d}_")
             ordered = step_scores.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable")
             best = (int(ordered.iloc[0]["layer"]), int(ordered.iloc[0]["head"]))

@@ -2,13 +2,13 @@
 
 A full head map is L×H independent ablations. Under `torchrun` or `accelerate launch` every
 process (rank) runs the same command; this module lets each rank take a disjoint, cost-balanced
-shard of the ablation configurations, and puts the per-configuration results back together in
-the original order so that rank 0 writes exactly the files a single process writes.
+shard of the work (the analyses' chunks of ablation configurations), and sends every rank's
+results to rank 0, which writes exactly the files a single process writes (`ShardedRun`).
 
 Nothing here is home-made communication: it is `torch.distributed` (gloo on CPU, nccl on CUDA)
 initialised from the environment variables the launchers set (`RANK`, `WORLD_SIZE`,
 `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`). Without those variables everything degrades to a
-single process: `shard` returns every index and `gather` returns its input.
+single process: `shard` returns every index and `ShardedRun` is the plain run folder.
 
 Cost model: the engine computes the clean residual stream once and replays only the decoder
 layers from the first ablated layer on, so a configuration whose lowest ablated layer is l costs
@@ -38,11 +38,11 @@ __all__ = [
     "config_cost",
     "shard",
     "shard_configs",
-    "gather",
-    "map_configs",
     "broadcast",
     "barrier",
     "shutdown",
+    "setup",
+    "chunk_cost",
     "ShardedRun",
 ]
 
@@ -120,6 +120,14 @@ def init(device: str | torch.device | None = "auto", *, timeout_s: float = 1800.
     return info()
 
 
+def setup(device: str | torch.device | None = "auto") -> str:
+    """What a command calls before loading its model: join the launcher's process group (if any)
+    and return the device this rank should load on (`cuda:LOCAL_RANK` for `cuda`/`auto` in a
+    multi-process job; `device` unchanged otherwise)."""
+    init(device)
+    return local_device(device)
+
+
 def shutdown() -> None:
     """Leave the process group (end of a command); harmless when there is none."""
     if dist.is_available() and dist.is_initialized():
@@ -147,6 +155,11 @@ def config_cost(config: Sequence[Head], n_layers: int) -> int:
     if len(config) == 0:
         return 0
     return n_layers - min(layer for layer, _ in config)
+
+
+def chunk_cost(configs: Sequence[Sequence[Head]], n_layers: int) -> int:
+    """Layer passes of a chunk of configurations swept together: the sum of their costs."""
+    return sum(config_cost(c, n_layers) for c in configs)
 
 
 def shard(costs: Sequence[float], world_size: int | None = None, rank: int | None = None) -> list[int]:
@@ -179,55 +192,6 @@ def shard_configs(
 ) -> list[int]:
     """`shard` with each configuration costed by `config_cost`."""
     return shard([config_cost(c, n_layers) for c in configs], world_size, rank)
-
-
-def gather(local_indices: Sequence[int], local_results: torch.Tensor, total: int) -> torch.Tensor:
-    """Reassemble per-item results computed on every rank into one tensor in the original order.
-
-    `local_results[k]` is the result for item `local_indices[k]`; the return value is a CPU tensor
-    `[total, ...]` on every rank (all ranks get it so that a decision depending on all results —
-    Sahara's best head — is the same everywhere; rank 0 alone should write it). The values are
-    moved, not recomputed, so the merged tensor is bit-for-bit what the ranks computed."""
-    local_results = local_results.detach().cpu()
-    if len(local_indices) != local_results.shape[0]:
-        raise ValueError(f"{len(local_indices)} indices but {local_results.shape[0]} results")
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        parts = [(list(local_indices), local_results)]
-    else:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (list(local_indices), local_results))
-    # Shape / dtype from a non-empty part (a rank may have had nothing to do).
-    template = next((r for _, r in parts if r.shape[0] > 0), local_results)
-    merged = torch.empty((total, *template.shape[1:]), dtype=template.dtype)
-    seen = torch.zeros(total, dtype=torch.bool)
-    for indices, results in parts:
-        if len(indices) == 0:
-            continue
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        if seen[idx].any():
-            raise RuntimeError("two ranks computed the same configuration: inconsistent sharding")
-        merged[idx] = results.to(template.dtype)
-        seen[idx] = True
-    if not bool(seen.all()):
-        raise RuntimeError(f"{int((~seen).sum())} of {total} configurations were computed by no rank")
-    return merged
-
-
-def map_configs(
-    configs: Sequence[Sequence[Head]],
-    n_layers: int,
-    compute: Callable[[list[Sequence[Head]]], torch.Tensor],
-) -> torch.Tensor:
-    """Run `compute` on this rank's cost-balanced shard of `configs` and return every
-    configuration's result, in the order of `configs`, on every rank.
-
-    `compute(list_of_configs) -> Tensor [len(list), ...]` must give each configuration's result
-    independently of which other configurations share its call (true of per-head scores). Single
-    process: exactly `compute(list(configs))`."""
-    indices = shard_configs(configs, n_layers)
-    local = [configs[i] for i in indices]
-    results = compute(local)
-    return gather(indices, results, len(configs))
 
 
 class ShardedRun:
@@ -317,8 +281,11 @@ class ShardedRun:
         else:
             self._pending[key] = frame
 
-    def sync(self) -> None:
-        """Collective: rank 0 writes the chunks the other ranks computed (in key order)."""
+    def sync(self, cache=None) -> None:
+        """Collective: rank 0 writes the chunks the other ranks computed (in key order).
+        `cache` (the engine's CleanCache) passes on the batch sizes its sweeps used."""
+        for size in (getattr(cache, "extra", None) or {}).get("batch_sizes", ()):
+            self.record_batch_size(size)
         if not self.distributed:
             return
         parts: list = [None] * self._info.world_size

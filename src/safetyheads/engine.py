@@ -313,6 +313,7 @@ def sweep(
             pos += len(chunk)
             bar.update(len(chunk) * n)
     bar.close()
+    cache.extra.setdefault("batch_sizes", []).append(rows_max)  # [scale-out] for the run manifest
     return SweepResult(cache.clean_logprobs, cache.clean_hidden, kl, hidden, logprobs, rows_max)
 
 
