@@ -101,3 +101,23 @@ def test_real_builtin_offline_and_corrupted(tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match=f"not in the cache.*{target}"):
         load_model(QWEN)
     assert not target.exists(), "a file failing its hash must be deleted"
+
+
+@pytest.mark.slow
+def test_dequantize_from_scratch_matches_cache(smollm2, tmp_path, monkeypatch):
+    """The first-load path: GGUF → dequantized safetensors in an empty cache, same logits as the shared cache."""
+    gguf = models.builtin_gguf_path(SMOL)
+    if not gguf.is_file():
+        pytest.skip("GGUF not in the cache")
+    monkeypatch.setenv("SAFETYHEADS_CACHE", str(tmp_path))
+    monkeypatch.setenv("SAFETYHEADS_OFFLINE", "1")
+    target = models.builtin_gguf_path(SMOL)
+    target.parent.mkdir(parents=True)
+    target.symlink_to(gguf)
+    lm = load_model(SMOL, device="cpu")
+    assert models.builtin_status(SMOL) == {"gguf": True, "dequantized": True}
+    assert not list(target.parent.glob(".dequantized-*")), "temporary folder left behind"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, smollm2.model(ids).logits, rtol=0, atol=0)
+    assert lm.tokenizer.chat_template == smollm2.tokenizer.chat_template
