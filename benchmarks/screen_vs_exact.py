@@ -1,0 +1,112 @@
+"""Screen vs exact scores (issue 7): accuracy and time of gradient screening, `auto` mode and the
+exact sweep, in one run, for every head of a model.
+
+    python benchmarks/screen_vs_exact.py --model smollm2-135m-instruct --dataset jailbreakbench --limit 20
+
+For each ablation method: the exact sweep (engine.prepare + engine.sweep over all single heads,
+KL and hidden states from the same passes) gives the exact Ships (mean KL over prompts) and
+Generalized Ships (rank 1) of every head; the screen estimates each target; auto mode screens and
+then scores its top K exactly. Reported per (method, target): Spearman of screen vs exact over
+heads, recall of the exact top 10 within the screen's top 10 and top 40, the overlap of auto's top
+10 with the exact top 10, and the times with the speed-ups over exact. Writes a JSON next to the
+printed markdown table when --json is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from safetyheads import engine, scores
+from safetyheads import screen as S
+from safetyheads.ablation import num_layers_heads
+from safetyheads.data import load_prompts
+from safetyheads.models import load_model
+from safetyheads.prompts import encode, format_prompts
+
+
+def _top(values: np.ndarray, heads: list, k: int) -> set:
+    order = np.lexsort((np.arange(len(values)), -values))  # descending, ties by head order
+    return {heads[i] for i in order[:k]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dataset", default="jailbreakbench")
+    ap.add_argument("--limit", type=int, default=20)
+    ap.add_argument("--format", default="chat")
+    ap.add_argument("--methods", default="undifferentiated,scaling")
+    ap.add_argument("--epsilon", type=float, default=1e-5)
+    ap.add_argument("--probes", type=int, default=3)
+    ap.add_argument("--top-k", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=8, help="screen prompts per forward/backward")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    loaded = load_model(args.model)
+    model, tok = loaded.model, loaded.tokenizer
+    ps = load_prompts(args.dataset, limit=args.limit)
+    enc = encode(tok, format_prompts(tok, list(ps.prompts), args.format), device=model.device)
+    n_layers, n_heads = num_layers_heads(model)
+    heads = [(a, b) for a in range(n_layers) for b in range(n_heads)]
+    print(f"{args.model}: {n_layers}x{n_heads} heads, {len(ps.prompts)} {args.dataset} prompts ({args.format}), "
+          f"tokens {tuple(enc.input_ids.shape)}, torch threads {torch.get_num_threads()}, {platform.processor()}",
+          flush=True)
+    rows = []
+    for method in args.methods.split(","):
+        t0 = time.perf_counter()
+        cache = engine.prepare(model, enc)
+        res = engine.sweep(cache, [[h] for h in heads], method, args.epsilon, want=("kl", "hidden"), progress=True)
+        basis = scores.clean_subspace(res.clean_hidden, 1)
+        exact_angle = np.array([scores.generalized_ships(res.clean_hidden, res.hidden[c], 1, clean_basis=basis)
+                                for c in range(len(heads))])
+        t_exact = time.perf_counter() - t0
+        exact = {"ships": res.kl.mean(1).numpy(), "gships": exact_angle}
+        print(f"[{method}] exact sweep {t_exact:.1f}s", flush=True)
+        for target in ("ships", "gships"):
+            t0 = time.perf_counter()
+            scr = S.screen(model, enc, method, args.epsilon, targets=(target,), probes=args.probes,
+                           batch_size=args.batch_size, progress=False)
+            t_screen = time.perf_counter() - t0
+            est = np.array([float(scr.head_scores(target)[a, b]) for a, b in heads])
+            t0 = time.perf_counter()
+            auto = S.auto_scores(model, enc, method, args.epsilon, target=target, top_k=args.top_k,
+                                 probes=args.probes, batch_size=args.batch_size, progress=False)
+            t_auto = time.perf_counter() - t0
+            auto_vals = auto.exact_kl.mean(1).numpy() if target == "ships" else auto.exact_angle
+            truth10 = _top(exact[target], heads, 10)
+            row = {
+                "model": args.model, "method": method, "target": target, "prompts": len(ps.prompts),
+                "spearman": float(spearmanr(est, exact[target])[0]),
+                "recall10_in_top10": len(truth10 & _top(est, heads, 10)),
+                "recall10_in_top40": len(truth10 & _top(est, heads, 40)),
+                "auto_top10_match": len(truth10 & _top(auto_vals, auto.heads, 10)),
+                "t_screen_s": t_screen, "t_auto_s": t_auto, "t_exact_s": t_exact,
+                "speedup_screen": t_exact / t_screen, "speedup_auto": t_exact / t_auto,
+                "n_backward": scr.n_backward, "n_forward": scr.n_forward,
+            }
+            if target == "ships":
+                per = np.stack([scr.ships[:, a, b].numpy() for a, b in heads])  # [C, P]
+                row["spearman_prompt_head"] = float(spearmanr(per.ravel(), res.kl.numpy().ravel())[0])
+                row["fisher_captured_mean"] = float(scr.fisher_captured.mean())
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    cols = ["method", "target", "spearman", "recall10_in_top10", "recall10_in_top40", "auto_top10_match",
+            "t_screen_s", "t_auto_s", "t_exact_s", "speedup_screen", "speedup_auto"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

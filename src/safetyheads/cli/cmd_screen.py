@@ -1,0 +1,47 @@
+"""`safetyheads screen`: argument parsing only; calls `safetyheads.screen.run_screen`."""
+
+from __future__ import annotations
+
+from . import common
+from .cmd_scores import _add_ablation_args, _add_rank_args, _inputs, _print_top
+
+
+def cmd_screen(args) -> int:
+    from ..screen import run_screen
+    result = run_screen(*_inputs(args), out=args.out, method=args.method, epsilon=args.epsilon, target=args.target,
+                        mode=args.mode, top_k=args.top_k, probes=args.probes, rank=args.rank, center=args.center,
+                        layers=args.layers, heads=args.heads, batch_size=args.batch_size, resume=args.resume,
+                        force=args.force, quiet=args.quiet)
+    if result.exact is not None:
+        _print_top(result.exact, ["rank", "layer", "head", "score"], args.quiet)
+    else:
+        _print_top(result.table, ["rank", "layer", "head", "score"], args.quiet)
+    print(f"note: {result.note}")
+    exact = {"ships": ", ships.csv, ships_summary.csv", "gships": ", generalized_ships.csv"}[args.target]
+    print(f"wrote {result.out}/screen.csv" + (exact if result.exact is not None else ""))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "screen", help="fast gradient estimate of every head's Ships / Generalized Ships (optionally verified exactly)",
+        description="Estimate every head's score from one forward and a few backward passes (attribution "
+                    "patching with a second-order KL for Ships and a first-order subspace rotation for "
+                    "Generalized Ships). Writes screen.csv (layer, head, method, score, rank). --mode auto "
+                    "then computes exact scores for the top K heads.")
+    common.add_model_args(p)
+    common.add_data_args(p)
+    common.add_prompt_args(p)
+    _add_ablation_args(p)
+    common.add_run_args(p)
+    _add_rank_args(p)
+    g = p.add_argument_group("screen")
+    g.add_argument("--target", default="gships", metavar="ships|gships",
+                   help="score to estimate: ships (mean KL over prompts) or gships (default gships)")
+    g.add_argument("--mode", default="screen", metavar="screen|auto",
+                   help="screen: estimates only; auto: then exact scores for the top K (default screen)")
+    g.add_argument("--top-k", type=int, default=40, metavar="K", help="heads scored exactly in auto mode (default 40)")
+    g.add_argument("--probes", type=int, default=3, metavar="N",
+                   help="Fisher eigen-directions backpropagated for ships, one backward pass each (default 3)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward/backward (default 8)")
+    p.set_defaults(func=cmd_screen)

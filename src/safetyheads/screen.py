@@ -1,0 +1,520 @@
+"""Fast screening: estimate every head's Ships / Generalized Ships score from one clean forward pass
+and a few backward passes, instead of one forward pass per head (attribution patching, adapted to
+the paper's scores).
+
+Two facts make it work:
+
+1. The *local* change of a head's output under an ablation is known exactly from the clean pass.
+   In the attention wrapper (`ablation.attached`) we call the model's own attention function a
+   second time with the ablated query (ε·q, or 0·q for `uniform`), so
+   Δo_h = attention(ε·q_h) − attention(q_h) holds for every architecture the wrapper supports
+   (masks, sliding windows, soft-capping and GQA are the model's own); for `scaling`,
+   Δo_h = (ε − 1)·o_h. A zero "tap" added to every head output lets one backward pass give
+   ∂(anything)/∂o_h for ALL heads at once; the first-order change of a scalar is <∂/∂o_h, Δo_h>
+   summed over positions.
+
+2. The scored quantities are functions of the last-position final hidden state ĥ (after the
+   final norm), one per prompt, and only need a few directions of its change Δĥ = J·Δo:
+   * Ships is a KL whose gradient vanishes at the clean point, so to second order
+     KL ≈ ½ Δzᵀ F Δz = ½ Δĥᵀ G Δĥ with F = diag(p) − ppᵀ the Fisher matrix of the next-token
+     distribution and G = Wᵀ F W its pull-back through the LM head (W, soft-capping included).
+     G = AᵀA with rows A_k = √p_k (W_k − Σ_j p_j W_j): its top eigenvectors come from a small
+     SVD over the most probable tokens. Backpropagating the top `probes` eigen-directions
+     (scaled by √λ) gives KL ≈ ½ Σ_j (√λ_j u_jᵀΔĥ)² for all heads and prompts at once. This is
+     the best rank-`probes` approximation of G (no sampling noise); the fraction of tr(G) it
+     keeps is reported per prompt (`fisher_captured`). Every prompt uses its own probes in the
+     SAME backward pass (each prompt's hidden state depends on its own tokens only).
+   * Generalized Ships (rank R): the stacked hidden states M = U S Vᵀ (P×D). To first order the
+     top-R left singular subspace moves by T_ji = σ_i u_jᵀ ΔM v_i / (σ_i² − σ_j²) (j > R, i ≤ R),
+     so the sum of principal angles ≈ the nuclear norm of T (sin θ ≈ θ). u_jᵀ ΔM v_i needs only
+     v_iᵀΔĥ_p for every prompt p: R backward passes with probe v_i. The neglected term
+     σ_j u_iᵀ ΔM v_j (which would need one pass per j) is small when σ_j ≪ σ_i, as for the
+     uncentred M of the paper (its first singular value is the shared mean direction);
+     with `center=True` it is not, and the estimate is rougher (measured in the benchmark).
+
+What it cannot see: anything beyond first order in Δo. Ablations are large perturbations, so the
+scores are *estimates* for ranking; `auto` mode (`auto_scores`) recomputes the top K exactly.
+benchmarks/screen_vs_exact.py measures how well the ranking agrees with the exact one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ablation
+from .errors import UsageError
+
+Head = tuple[int, int]
+#: Ablation methods the screen can linearise (`mean` needs dataset-wide means: not supported).
+SCREEN_METHODS = ("undifferentiated", "uniform", "scaling")
+#: Scores the screen can estimate.
+TARGETS = ("ships", "gships")
+#: How many of the most probable tokens span the Fisher matrix per prompt (the rest of the
+#: vocabulary is ignored; its share of tr(G) is in `fisher_captured`).
+FISHER_TOKENS = 512
+
+
+@dataclass
+class ScreenResult:
+    """Screen estimates for every head of the model.
+
+    ships:   [P, L, H] float64, estimated KL(p_clean || p_ablated) per prompt and head (or None).
+    gships:  [L, H] float64, estimated Generalized Ships (sum of principal angles, degrees) (or None).
+    fisher_captured: [P] float64, share of tr(G) that the Ships probes keep (1.0 = exact quadratic form).
+    """
+
+    method: str
+    epsilon: float
+    n_layers: int
+    n_heads: int
+    ships: torch.Tensor | None = None
+    gships: torch.Tensor | None = None
+    fisher_captured: torch.Tensor | None = None
+    rank: int = 1
+    center: bool = False
+    probes: int = 0
+    n_forward: int = 0
+    n_backward: int = 0
+    seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    def head_scores(self, target: str) -> torch.Tensor:
+        """[L, H] float64 per-head score: mean estimated KL over prompts for ships, the angle for gships."""
+        if target == "ships":
+            if self.ships is None:
+                raise UsageError("this screen did not estimate ships")
+            return self.ships.mean(0)
+        if target == "gships":
+            if self.gships is None:
+                raise UsageError("this screen did not estimate gships")
+            return self.gships
+        raise UsageError(f"unknown screen target {target!r}; choose from {', '.join(TARGETS)}")
+
+    def table(self, target: str) -> pd.DataFrame:
+        """`layer, head, method, score, rank` (rank 1 = most important), sorted by rank."""
+        return ranking_table(self.head_scores(target), self.method)
+
+
+def ranking_table(scores: torch.Tensor | np.ndarray, method: str) -> pd.DataFrame:
+    """[L, H] scores -> DataFrame `layer, head, method, score, rank`, rank 1 = highest score."""
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    n_layers, n_heads = s.shape
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    df = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), "method": method, "score": s.ravel()})
+    df = df.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable").reset_index(drop=True)
+    df["rank"] = np.arange(1, len(df) + 1)
+    return df
+
+
+def top_heads(scores: torch.Tensor | np.ndarray, k: int) -> list[Head]:
+    """The k heads with the highest [L, H] scores, best first."""
+    df = ranking_table(scores, "")
+    return [(int(r.layer), int(r.head)) for r in df.head(k).itertuples()]
+
+
+# ----------------------------------------------------------------------------------------------
+# The tap: per-head output changes and gradient handles, through the ablation wrapper
+# ----------------------------------------------------------------------------------------------
+
+class _Tap:
+    """`attend` hook for `ablation.attached`: runs the model's attention as usual, records each
+    head's output change under the ablation (Δo, from a second call of the same attention
+    function with the ablated query) and adds a zero tensor that requires grad to the output,
+    so that autograd returns ∂/∂o for every head of every layer."""
+
+    def __init__(self, method: str, epsilon: float, with_grad: bool):
+        self.method = method
+        self.epsilon = epsilon
+        self.with_grad = with_grad
+        self.delta: dict[int, torch.Tensor] = {}  # layer -> [B, T, H, hd], zero on padding rows
+        self.taps: dict[int, torch.Tensor] = {}   # layer -> [B, T, H, hd] zeros, requires grad
+
+    def attend(self, fn: Callable, layer: int, module: nn.Module, query, key, value, *args, **kwargs):
+        out, weights = fn(module, query, key, value, *args, **kwargs)  # out: [B, T, H, hd]
+        if not self.with_grad:
+            return out, weights
+        with torch.no_grad():
+            if self.method == "scaling":
+                change = out * (self.epsilon - 1.0)
+            else:
+                factor = 0.0 if self.method == "uniform" else self.epsilon
+                ablated_out, _ = fn(module, query * factor, key, value, *args, **kwargs)
+                change = ablated_out - out
+            mask = args[0] if args else kwargs.get("attention_mask")
+            real = ablation._real_query_rows(mask, out.shape[0], out.shape[1], out.device)  # [B, T]
+            # where(), not a product: a padding row may hold NaN from a fully masked softmax.
+            change = torch.where(real[:, :, None, None], change, torch.zeros((), dtype=change.dtype))
+        tap = torch.zeros_like(out, requires_grad=True)
+        self.delta[layer] = change.detach()
+        self.taps[layer] = tap
+        return out + tap, weights
+
+
+def _head_products(tap: _Tap, grads: Sequence[torch.Tensor | None], n_layers: int, n_heads: int,
+                   batch: int) -> torch.Tensor:
+    """First-order change of the probed scalar per example and head: [B, L, H] float64."""
+    s = torch.zeros(batch, n_layers, n_heads, dtype=torch.float64)
+    for layer, g in enumerate(grads):
+        if g is None:  # the probed scalar does not depend on this layer (cannot happen for decoders)
+            continue
+        s[:, layer] = (g.float() * tap.delta[layer].float()).sum((1, 3)).double().cpu()  # [B, H]
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Model pieces
+# ----------------------------------------------------------------------------------------------
+
+def _last_hidden(model: nn.Module, enc) -> torch.Tensor:
+    """Last-position final hidden state (after the final norm): [B, D]. Left padding puts every
+    prompt's last token in the last column."""
+    backbone = ablation.decoder_backbone(model)
+    out = backbone(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                   position_ids=enc.position_ids, use_cache=False)
+    return out.last_hidden_state[:, -1, :]  # [B, D]
+
+
+def _logit_jacobian(model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Next-token log-probs [B, V] float32, the LM-head weight W [V, D] and the per-token slope of
+    the final soft-capping [B, V] (None without capping): dz/dĥ = diag(slope)·W."""
+    head = model.get_output_embeddings()
+    weight = head.weight  # [V, D]
+    with torch.no_grad():
+        z = head(h).float()  # [B, V]
+        cap = getattr(ablation.text_config(model), "final_logit_softcapping", None)
+        slope = None
+        if cap:
+            t = torch.tanh(z / cap)
+            z = cap * t
+            slope = 1.0 - t * t  # [B, V]
+        return torch.log_softmax(z, -1), weight, slope
+
+
+def fisher_probes(model: nn.Module, h: torch.Tensor, probes: int, tokens: int = FISHER_TOKENS
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top eigen-directions of the Fisher matrix pulled back to the final hidden state.
+
+    Returns probe vectors [B, probes, D] (eigenvector · √eigenvalue, so ½ Σ_j (q_jᵀΔĥ)² is the
+    rank-`probes` KL estimate), the captured share of tr(G) [B] and the clean log-probs [B, V].
+    """
+    logp, weight, slope = _logit_jacobian(model, h)
+    with torch.no_grad():
+        p = logp.exp()  # [B, V] float32
+        w = weight.float()  # [V, D]
+        # Row k of J = dz/dĥ is slope_k · W_k. J̄ = Σ_k p_k J_k over the whole vocabulary.
+        pw = p if slope is None else p * slope  # [B, V]
+        jbar = pw @ w  # [B, D]
+        norms2 = (w * w).sum(-1)  # [V]
+        jn2 = norms2[None] if slope is None else slope * slope * norms2[None]  # [B, V]
+        trace = ((p * jn2).sum(-1) - (jbar * jbar).sum(-1)).double()  # [B] tr(G)
+        k = min(tokens, p.shape[1])
+        top_p, top_i = p.topk(k, dim=-1)  # [B, K]
+        rows = w[top_i]  # [B, K, D]
+        if slope is not None:
+            rows = rows * slope.gather(1, top_i)[..., None]
+        a = top_p.sqrt()[..., None] * (rows - jbar[:, None, :])  # [B, K, D]: G ≈ aᵀa
+        _, sv, vh = torch.linalg.svd(a.double(), full_matrices=False)  # sv [B, K], vh [B, K, D]
+        m = min(probes, sv.shape[1])
+        q = (sv[:, :m, None] * vh[:, :m, :]).to(h.dtype)  # [B, m, D]
+        captured = (sv[:, :m] ** 2).sum(-1) / trace.clamp_min(1e-300)
+    return q, captured.clamp(max=1.0), logp
+
+
+def _subspace_perturbation(y: torch.Tensor, u_full: torch.Tensor, sv: torch.Tensor, rank: int) -> torch.Tensor:
+    """First-order sum of principal angles (degrees) for every head.
+
+    y: [N, P, L, H] = v_nᵀ Δĥ_p for the first N right singular vectors of M (N = rank: the
+    σ_j ≪ σ_i shortcut; N = P: the complete first-order formula). u_full: [P, P] left singular
+    vectors of M; sv: [P] its singular values (zero-padded). Returns [L, H] float64.
+    """
+    n_dirs, n_prompts = y.shape[0], y.shape[1]
+    coef = torch.einsum("pj,np...->jn...", u_full, y)  # [P, N, L, H]: coef[j, n] = u_jᵀ ΔM v_n
+    s_i = sv[:rank]  # [R]
+    s_j = sv[rank:n_prompts]  # [P-R]
+    if s_j.numel() == 0:
+        return torch.zeros(y.shape[2:], dtype=torch.float64)
+    gap = s_i[None, :] ** 2 - s_j[:, None] ** 2  # [P-R, R]
+    gap = gap.clamp_min(float(sv[0]) ** 2 * 1e-12)  # equal singular values: the subspace is ill-defined
+    # d(u_i) along u_j (j > R): (σ_i u_jᵀΔM v_i + σ_j u_iᵀΔM v_j) / (σ_i² − σ_j²)
+    num = s_i[None, :, None, None] * coef[rank:, :rank]  # [P-R, R, L, H]
+    if n_dirs >= n_prompts:
+        b = coef[:rank, rank:n_prompts].transpose(0, 1)  # [P-R, R, L, H]: u_iᵀ ΔM v_j
+        num = num + s_j[:, None, None, None] * b
+    t = (num / gap[:, :, None, None]).permute(2, 3, 0, 1)  # [L, H, P-R, R]
+    angles = torch.linalg.svdvals(t).sum(-1) if rank > 1 else t.square().sum((-2, -1)).sqrt()
+    return torch.rad2deg(angles)
+
+
+# ----------------------------------------------------------------------------------------------
+# The screen
+# ----------------------------------------------------------------------------------------------
+
+def check_screen_args(method: str, epsilon: float, targets: Sequence[str], probes: int, rank: int,
+                      n_prompts: int) -> None:
+    if method not in SCREEN_METHODS:
+        raise UsageError(f"screen supports --method {', '.join(SCREEN_METHODS)}, not {method!r}")
+    if method in ("undifferentiated", "scaling"):
+        ablation.check_epsilon(epsilon)
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        raise UsageError(f"screen targets must be among {', '.join(TARGETS)}, got {list(targets)}")
+    if probes < 1:
+        raise UsageError(f"--probes must be at least 1, got {probes}")
+    if "gships" in targets and not 1 <= rank < n_prompts:
+        raise UsageError(f"--rank must be between 1 and the number of prompts minus 1 ({n_prompts - 1}), got {rank}")
+
+
+def _batches(n: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
+           targets: Sequence[str] = ("ships", "gships"), probes: int = 3, rank: int = 1,
+           center: bool = False, full_subspace: bool = False, clean_hidden: torch.Tensor | None = None,
+           batch_size: int = 8, progress: bool = True) -> ScreenResult:
+    """Estimate every head's Ships (per prompt) and/or Generalized Ships from gradients.
+
+    Cost: one forward pass with autograd plus `probes` backward passes for ships, plus one forward
+    pass without autograd and `rank` backward passes for gships (which needs all prompts' clean
+    hidden states before it can choose its probe directions). Parameters never get gradients.
+    `full_subspace=True` probes all P right singular directions (P backward passes) for the
+    complete first-order angle instead of the σ_j ≪ σ_i shortcut (for checks, small P).
+    `clean_hidden` [P, D] (e.g. the engine's `CleanCache.clean_hidden`) saves gships' clean pass.
+    """
+    targets = tuple(targets)
+    n_prompts = len(encoded)
+    check_screen_args(method, epsilon, targets, probes, rank, n_prompts)
+    n_layers, n_heads = ablation.num_layers_heads(model)
+    result = ScreenResult(method=method, epsilon=float(epsilon), n_layers=n_layers, n_heads=n_heads,
+                          rank=rank, center=center, probes=probes if "ships" in targets else 0)
+    start = time.perf_counter()
+    slices = _batches(n_prompts, batch_size)
+    device = next(model.parameters()).device
+
+    # gships needs the clean subspace first: one plain forward pass over all prompts.
+    basis = None
+    if "gships" in targets:
+        t0 = time.perf_counter()
+        if clean_hidden is not None:
+            m = clean_hidden.detach().double().cpu()  # [P, D]
+        else:
+            with torch.no_grad():
+                m = torch.cat([_last_hidden(model, encoded[s].to(device)).double().cpu() for s in slices])  # [P, D]
+            result.n_forward += 1
+        if center:
+            m = m - m.mean(0, keepdim=True)
+        u_full, sv, vh = torch.linalg.svd(m, full_matrices=True)  # u [P, P], sv [min(P, D)], vh [D, D]
+        sv_full = torch.zeros(n_prompts, dtype=torch.float64)
+        sv_full[: sv.shape[0]] = sv
+        if float(sv_full[rank - 1]) <= float(sv_full[0]) * 1e-12:
+            raise UsageError(f"the clean hidden states have rank below {rank}: Generalized Ships is undefined")
+        n_dirs = min(n_prompts, vh.shape[0]) if full_subspace else rank
+        basis = (u_full, sv_full, vh[:n_dirs].to(device))  # v_n rows [N, D]
+        result.timings["gships_clean_pass"] = time.perf_counter() - t0
+
+    ships = torch.zeros(n_prompts, n_layers, n_heads, dtype=torch.float64) if "ships" in targets else None
+    captured = torch.zeros(n_prompts, dtype=torch.float64) if "ships" in targets else None
+    proj = (torch.zeros(basis[2].shape[0], n_prompts, n_layers, n_heads, dtype=torch.float64)
+            if basis is not None else None)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # only activations need gradients; restored below
+        p.requires_grad_(False)
+    bar = tqdm(total=n_prompts, desc=f"screen {method}", unit="prompt", disable=not progress)
+    try:
+        for s in slices:
+            enc = encoded[s].to(device)
+            tap = _Tap(method, epsilon, with_grad=True)
+            with torch.enable_grad(), ablation.attached(model, tap):
+                h = _last_hidden(model, enc)  # [b, D], in the graph of every tap
+            taps = [tap.taps[layer] for layer in range(n_layers)]
+            directions: list[torch.Tensor] = []  # each [b, D]
+            if ships is not None:
+                q, cap, _ = fisher_probes(model, h.detach(), probes)  # q [b, m, D]
+                captured[s] = cap.cpu()
+                directions += [q[:, j] for j in range(q.shape[1])]
+            n_ships = len(directions)
+            if basis is not None:
+                directions += [v.to(h.dtype).expand_as(h) for v in basis[2]]
+            for j, direction in enumerate(directions):
+                grads = torch.autograd.grad((h * direction).sum(), taps, retain_graph=j < len(directions) - 1,
+                                            allow_unused=True)
+                prod = _head_products(tap, grads, n_layers, n_heads, h.shape[0])  # [b, L, H]
+                if j < n_ships:
+                    ships[s] += 0.5 * prod.square()
+                else:
+                    proj[j - n_ships, s] = prod
+            result.n_backward += len(directions)
+            del tap, taps, h
+            bar.update(s.stop - s.start)
+    finally:
+        bar.close()
+        for p in params:
+            p.requires_grad_(True)
+    result.n_forward += 1
+
+    if ships is not None:
+        result.ships, result.fisher_captured = ships, captured
+    if basis is not None:
+        if center:
+            proj = proj - proj.mean(1, keepdim=True)  # ΔM is centred like M
+        result.gships = _subspace_perturbation(proj, basis[0], basis[1], rank)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Auto mode and the run-folder API
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class AutoResult:
+    """`auto` mode: the screen over all heads, then exact scores for its top K.
+
+    exact_kl: [K, P] float64 (target ships) / exact_angle: [K] degrees (target gships), in the
+    order of `heads` (the screen's top K, best first)."""
+
+    screen: ScreenResult
+    heads: list[Head]
+    exact_kl: torch.Tensor | None = None
+    exact_angle: np.ndarray | None = None
+    seconds_screen: float = 0.0
+    seconds_exact: float = 0.0
+
+
+def auto_scores(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
+                target: str = "gships", top_k: int = 40, probes: int = 3, rank: int = 1,
+                center: bool = False, allowed: Sequence[Head] | None = None, batch_size: int = 8,
+                progress: bool = True) -> AutoResult:
+    """Screen every head, then score the screen's `top_k` heads (among `allowed`) exactly with the
+    sweep engine. The engine's clean pass also supplies the clean subspace for the screen."""
+    from . import engine, scores
+
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    if top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {top_k}")
+    t0 = time.perf_counter()
+    cache = engine.prepare(model, encoded)  # the exact sweep needs it; the screen reuses its hidden states
+    result = screen(model, encoded, method, epsilon, targets=(target,), probes=probes, rank=rank,
+                    center=center, clean_hidden=cache.clean_hidden, batch_size=batch_size, progress=progress)
+    ranking = top_heads(result.head_scores(target), result.n_layers * result.n_heads)
+    if allowed is not None:
+        allowed_set = set(allowed)
+        ranking = [h for h in ranking if h in allowed_set]
+    chosen = ranking[:top_k]
+    t1 = time.perf_counter()
+    sweep = engine.sweep(cache, [[h] for h in chosen], method, epsilon,
+                         want=("kl",) if target == "ships" else ("hidden",), progress=progress)
+    out = AutoResult(result, chosen, seconds_screen=t1 - t0)
+    if target == "ships":
+        out.exact_kl = sweep.kl
+    else:
+        basis = scores.clean_subspace(sweep.clean_hidden, rank, center=center)
+        out.exact_angle = np.array([scores.generalized_ships(sweep.clean_hidden, sweep.hidden[c], rank, center=center,
+                                                             clean_basis=basis) for c in range(len(chosen))])
+    out.seconds_exact = time.perf_counter() - t1
+    return out
+
+
+@dataclass
+class ScreenRun:
+    out: Path
+    table: pd.DataFrame                 # screen.csv: layer, head, method, score, rank (estimates)
+    exact: pd.DataFrame | None = None   # auto mode: the top K with exact scores, ranked
+    note: str = ""                      # what the estimates are worth (printed by the CLI)
+
+
+#: Measured agreement of the screen with exact scores (benchmarks/screen_vs_exact.py), printed
+#: with every screen so nobody mistakes the estimates for scores.
+ACCURACY_NOTE = ("screen scores are gradient estimates, not exact scores: see benchmarks/screen_vs_exact.py "
+                 "for their measured agreement; use --mode auto (or ships/gships) for exact scores")
+
+
+def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
+               out: str | Path, method: str = "undifferentiated", epsilon: float = 1e-5,
+               target: str = "gships", mode: str = "screen", top_k: int = 40, probes: int = 3,
+               rank: int = 1, center: bool = False, layers: str | None = None, heads: str | None = None,
+               batch_size: int = 8, resume: bool = False, force: bool = False, quiet: bool = False) -> ScreenRun:
+    """`safetyheads screen`: estimate every head's score from gradients and write screen.csv
+    (layer, head, method, score, rank) into the run folder `out`. mode='auto' also scores the top
+    `top_k` heads exactly and writes them as the exact analysis would (ships.csv +
+    ships_summary.csv, or generalized_ships.csv) restricted to those heads."""
+    from . import analyses, scores
+    from .prompts import encode
+
+    if mode not in ("screen", "auto"):
+        raise UsageError(f"--mode must be screen or auto, got {mode!r}")
+    if target not in TARGETS:
+        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if method not in SCREEN_METHODS:
+        raise UsageError(f"screen supports --method {', '.join(SCREEN_METHODS)}, not {method!r}")
+    inputs = analyses._resolve("screen", model, data, prompt, method=method, epsilon=epsilon, layers=layers,
+                               heads=heads, extra={"target": target, "mode": mode, "top_k": int(top_k),
+                                                   "probes": int(probes), "rank": int(rank), "center": bool(center)})
+    n_prompts = len(inputs.texts)
+    check_screen_args(method, epsilon, (target,), probes, rank, n_prompts)
+    if target == "gships":
+        scores.check_rank(rank, n_prompts, center=center)
+    run = analyses._open_run(out, inputs, resume=resume, force=force)
+    lm = inputs.loaded.model
+    encoded = encode(inputs.loaded.tokenizer, inputs.texts, device=getattr(lm, "device", None))
+    t0 = time.perf_counter()
+    if mode == "auto":
+        auto = auto_scores(lm, encoded, method, epsilon, target=target, top_k=top_k, probes=probes, rank=rank,
+                           center=center, allowed=inputs.heads, batch_size=batch_size, progress=not quiet)
+        result = auto.screen
+    else:
+        result = screen(lm, encoded, method, epsilon, targets=(target,), probes=probes, rank=rank, center=center,
+                        batch_size=batch_size, progress=not quiet)
+    table = result.table(target)
+    allowed = set(inputs.heads)
+    table = table[[(int(a), int(b)) in allowed for a, b in zip(table["layer"], table["head"])]]
+    table = table.assign(rank=np.arange(1, len(table) + 1)).reset_index(drop=True)
+    run.write_table("screen", table)
+    finish: dict[str, Any] = {"screen_top_heads": analyses._head_list(table.head(10)),
+                              "screen_seconds": result.seconds, "n_forward": result.n_forward,
+                              "n_backward": result.n_backward}
+    if result.fisher_captured is not None:
+        finish["fisher_captured_mean"] = float(result.fisher_captured.mean())
+    exact = None
+    note = ACCURACY_NOTE
+    if mode == "auto":
+        ids = inputs.prompt_set.ids
+        if target == "ships":
+            kl_table = scores.ships_table(auto.exact_kl, auto.heads, ids, method)
+            summary = scores.ships_summary(kl_table)
+            run.write_table("ships", kl_table)
+            run.write_table("ships_summary", summary)
+            exact = scores.rank_by_score(summary.rename(columns={"mean": "score"})[["layer", "head", "method", "score"]])
+            estimate = np.array([float(result.ships[:, a, b].mean()) for a, b in auto.heads])
+            truth = auto.exact_kl.mean(1).numpy()
+        else:
+            exact = scores.gships_table(auto.heads, auto.exact_angle, method)
+            run.write_table("generalized_ships", exact)
+            estimate = np.array([float(result.gships[a, b]) for a, b in auto.heads])
+            truth = auto.exact_angle
+        rho = _spearman(estimate, truth)
+        finish.update(top_heads=analyses._head_list(exact.head(10)), exact_seconds=auto.seconds_exact,
+                      screen_vs_exact_spearman_top_k=rho)
+        note = (f"exact scores for the screen's top {len(auto.heads)} heads; within them the screen's "
+                f"estimates have Spearman {rho:.2f} with the exact scores. {ACCURACY_NOTE}")
+    finish["seconds"] = time.perf_counter() - t0
+    run.finish(finish)
+    return ScreenRun(Path(out), table, exact, note)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+    if len(a) < 2:
+        return float("nan")
+    return float(spearmanr(a, b)[0])
