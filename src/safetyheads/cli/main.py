@@ -13,7 +13,8 @@ from ..errors import SafetyHeadsError
 COMMAND_MODULES = [
     "safetyheads.cli.cmd_basic",     # models, datasets, fetch
     "safetyheads.cli.cmd_engine",    # surgery
-    "safetyheads.cli.cmd_scores",    # ships, gships, sahara, screen
+    "safetyheads.cli.cmd_scores",    # ships, gships, sahara
+    "safetyheads.cli.cmd_screen",    # screen: gradient estimates (+ exact top K)
     "safetyheads.cli.cmd_evaluate",  # evaluate
     "safetyheads.cli.cmd_report",    # figure, report
     "safetyheads.cli.cmd_demo",      # demo: the whole method end to end
