@@ -59,8 +59,9 @@ def text_config(model_or_config: Any):
 
 def check_supported(model_or_config: Any) -> None:
     """Raise UnsupportedModelError unless the architecture is one the engine is tested on."""
-    model_type = getattr(text_config(model_or_config), "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)  # a multimodal wrapper (e.g. "gemma3") is not tested
+    if model_type not in SUPPORTED_ARCHITECTURES or getattr(text_config(config), "model_type", None) != model_type:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not supported by the head-ablation engine; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
