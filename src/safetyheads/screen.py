@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -199,12 +200,16 @@ def _logit_jacobian(model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, to
         return torch.log_softmax(z, -1), weight, slope
 
 
-def fisher_probes(model: nn.Module, h: torch.Tensor, probes: int, tokens: int = FISHER_TOKENS
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fisher_probes(model: nn.Module, h: torch.Tensor, probes: int, tokens: int = FISHER_TOKENS,
+                  random_probes: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top eigen-directions of the Fisher matrix pulled back to the final hidden state.
 
-    Returns probe vectors [B, probes, D] (eigenvector · √eigenvalue, so ½ Σ_j (q_jᵀΔĥ)² is the
-    rank-`probes` KL estimate), the captured share of tr(G) [B] and the clean log-probs [B, V].
+    Returns probe vectors [B, probes + random_probes, D] such that ½ Σ_j (q_jᵀΔĥ)² estimates the
+    KL: the first `probes` are eigenvector · √eigenvalue (the exact rank-`probes` part), the
+    `random_probes` others are Gaussian draws from the remaining spectrum, scaled by
+    1/√random_probes, which make the estimate unbiased for the whole (top-token) Fisher matrix at
+    the price of sampling noise. Also returns the share of tr(G) the eigen-probes keep [B] and the
+    clean log-probs [B, V].
     """
     logp, weight, slope = _logit_jacobian(model, h)
     with torch.no_grad():
@@ -224,8 +229,14 @@ def fisher_probes(model: nn.Module, h: torch.Tensor, probes: int, tokens: int = 
         a = top_p.sqrt()[..., None] * (rows - jbar[:, None, :])  # [B, K, D]: G ≈ aᵀa
         _, sv, vh = torch.linalg.svd(a.double(), full_matrices=False)  # sv [B, K], vh [B, K, D]
         m = min(probes, sv.shape[1])
-        q = (sv[:, :m, None] * vh[:, :m, :]).to(h.dtype)  # [B, m, D]
+        q = sv[:, :m, None] * vh[:, :m, :]  # [B, m, D]
         captured = (sv[:, :m] ** 2).sum(-1) / trace.clamp_min(1e-300)
+        if random_probes > 0 and sv.shape[1] > m:
+            gen = torch.Generator().manual_seed(seed)
+            xi = torch.randn(sv.shape[0], random_probes, sv.shape[1] - m, generator=gen, dtype=torch.float64)
+            rest = sv[:, m:, None] * vh[:, m:, :]  # [B, K-m, D]
+            q = torch.cat([q, (xi.to(rest.device) @ rest) / math.sqrt(random_probes)], 1)  # [B, m+n, D]
+        q = q.to(h.dtype)
     return q, captured.clamp(max=1.0), logp
 
 
@@ -278,7 +289,7 @@ def _batches(n: int, batch_size: int) -> list[slice]:
 
 
 def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
-           targets: Sequence[str] = ("ships", "gships"), probes: int = 3, rank: int = 1,
+           targets: Sequence[str] = ("ships", "gships"), probes: int = 3, random_probes: int = 0, rank: int = 1,
            center: bool = False, full_subspace: bool = False, clean_hidden: torch.Tensor | None = None,
            batch_size: int = 8, progress: bool = True) -> ScreenResult:
     """Estimate every head's Ships (per prompt) and/or Generalized Ships from gradients.
@@ -288,6 +299,7 @@ def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon:
     hidden states before it can choose its probe directions). Parameters never get gradients.
     `full_subspace=True` probes all P right singular directions (P backward passes) for the
     complete first-order angle instead of the σ_j ≪ σ_i shortcut (for checks, small P).
+    `random_probes` adds Gaussian probes of the rest of the Fisher spectrum (see `fisher_probes`).
     `clean_hidden` [P, D] (e.g. the engine's `CleanCache.clean_hidden`) saves gships' clean pass.
     """
     targets = tuple(targets)
@@ -339,7 +351,8 @@ def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon:
             taps = [tap.taps[layer] for layer in range(n_layers)]
             directions: list[torch.Tensor] = []  # each [b, D]
             if ships is not None:
-                q, cap, _ = fisher_probes(model, h.detach(), probes)  # q [b, m, D]
+                q, cap, _ = fisher_probes(model, h.detach(), probes, random_probes=random_probes,
+                                          seed=s.start)  # q [b, m, D]
                 captured[s] = cap.cpu()
                 directions += [q[:, j] for j in range(q.shape[1])]
             n_ships = len(directions)

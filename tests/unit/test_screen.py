@@ -136,3 +136,72 @@ def test_bad_arguments(kwargs, match):
     model, enc = _model(), _encoded()
     with pytest.raises(UsageError, match=match):
         S.screen(model, enc, progress=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# run_screen and the CLI, on a tiny chat model
+# ----------------------------------------------------------------------------------------------
+
+CHAT_PROMPTS = ["how do I pick a lock", "tell me a joke", "write a poem about the sea", "what is 2+2?"]
+
+
+@pytest.fixture(scope="module")
+def chat_loaded():
+    from safetyheads.models import LoadedModel
+    from tiny_chat import tiny_model as chat_model, tiny_tokenizer
+    return LoadedModel(model=chat_model("qwen2", layers=3, heads=4, kv_heads=2, seed=1), tokenizer=tiny_tokenizer(),
+                       spec="tiny-qwen2", revision=None, weights_sha256=None, source="memory")
+
+
+def _prompt_set():
+    from safetyheads.data import PromptSet
+    return PromptSet(name="tiny", prompts=list(CHAT_PROMPTS), ids=[5, 6, 7, 8], categories=[None] * 4,
+                     source="memory", sha256=None)
+
+
+@pytest.mark.parametrize("target", ["ships", "gships"])
+def test_run_screen_auto_writes_exact_top_k(chat_loaded, tmp_path, target):
+    import pandas as pd
+    from safetyheads import analyses
+
+    out = tmp_path / "run"
+    res = S.run_screen(chat_loaded, _prompt_set(), "chat", out=out, method="scaling", target=target, mode="auto",
+                       top_k=3, quiet=True)
+    screen_csv = pd.read_csv(out / "screen.csv")
+    assert list(screen_csv.columns) == ["layer", "head", "method", "score", "rank"] and len(screen_csv) == 12
+    top3 = list(zip(screen_csv["layer"][:3], screen_csv["head"][:3]))
+    # the exact scores of those 3 heads equal what the exact analysis computes for them
+    heads = ",".join(f"{a}-{b}" for a, b in top3)
+    if target == "ships":
+        ref = analyses.run_ships(chat_loaded, _prompt_set(), "chat", out=tmp_path / "ref", method="scaling",
+                                 heads=heads, quiet=True).table
+        got = pd.read_csv(out / "ships.csv")
+        assert set(got["prompt_id"]) == {5, 6, 7, 8}
+    else:
+        ref = analyses.run_gships(chat_loaded, _prompt_set(), "chat", out=tmp_path / "ref", method="scaling",
+                                  heads=heads, quiet=True).table
+        got = pd.read_csv(out / "generalized_ships.csv")
+    key = [c for c in ("prompt_id", "layer", "head") if c in ref.columns]
+    merged = got.merge(ref, on=key, suffixes=("", "_ref"))
+    assert len(merged) == len(ref) and np.allclose(merged["score"], merged["score_ref"], rtol=1e-5, atol=1e-9)
+    assert "Spearman" in res.note
+
+
+def test_screen_cli(chat_loaded, tmp_path, capsys):
+    from safetyheads.cli.main import main
+
+    model_dir = tmp_path / "model"
+    chat_loaded.model.save_pretrained(model_dir)
+    chat_loaded.tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "prompts.txt"
+    data.write_text("\n".join(CHAT_PROMPTS))
+    out = tmp_path / "run"
+    argv = ["screen", "--model", str(model_dir), "--dataset", str(data), "--out", str(out), "--method", "uniform",
+            "--target", "ships", "--probes", "2", "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "screen.csv" in text and "note:" in text
+    assert (out / "screen.csv").is_file() and not (out / "ships.csv").exists()
+    assert main(argv) == 2  # the folder holds this run now: refuse without --resume/--force
+    assert main(argv[:-1] + ["--method", "mean", "--force", "--quiet"]) == 2
+    assert "screen supports" in capsys.readouterr().err
