@@ -17,3 +17,7 @@ from .ablation import METHODS, SUPPORTED_ARCHITECTURES, HeadAblator, ablated, ch
 from .engine import CleanCache, SweepResult, prepare, sweep  # noqa: F401,E402
 from .scores import generalized_ships, kl_from_logprobs, principal_angles  # noqa: F401,E402
 from .analyses import GShipsResult, SaharaResult, ShipsResult, run_gships, run_sahara, run_ships  # noqa: F401,E402
+from .judges import JUDGES, Judge, KeywordJudge, ModelJudge, Verdict, attack_success_rate, get_judge, register_judge  # noqa: F401,E402
+from .generation import Generations, generate_responses, generate_texts  # noqa: F401,E402
+# `evaluate` itself is not re-exported: it would shadow the module `safetyheads.evaluate`
+from .evaluate import Ablation, EvalResult, build_ablations, heads_from_scores  # noqa: F401,E402

@@ -315,19 +315,22 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         raise UsageError("give at least one --dataset")
     if len(set(datasets)) != len(datasets):
         raise UsageError("the same --dataset is given twice")
+    if HARMLESS in datasets:
+        raise UsageError("the harmless set is evaluated by the helpfulness checks (over-refusal in helpfulness.csv); "
+                         "pass only harmful datasets to --dataset")
     judge_objs: list[Judge] = [get_judge(spec, **(judge_options or {})) for spec in (judges or [DEFAULT_JUDGE])]
     judge_names = [j.name for j in judge_objs]
     if len(set(judge_names)) != len(judge_names):
         raise UsageError("the same --judge is given twice")
+    if ablations is None:  # check --from/--top and the score files first: fail fast, before any loading
+        build_ablations(n_layers=None, n_heads=None, ablate=ablate, from_runs=from_runs, top=top, methods=methods,
+                        epsilon=epsilon)
     # validate the datasets before spending time on loading the model
     prompt_sets = [load_prompts(d, column=column, limit=limit, sample=sample, seed=data_seed, data_dir=data_dir)
                    for d in datasets]
     harmless = None
     if helpfulness:
         harmless = load_prompts(HARMLESS, limit=harmless_limit, data_dir=data_dir)
-    if ablations is None:  # check --from/--top and the score files before spending time on the model
-        build_ablations(n_layers=None, n_heads=None, ablate=ablate, from_runs=from_runs, top=top, methods=methods,
-                        epsilon=epsilon)
     seed = resolve_seed(greedy, seed)
 
     loaded = _load(model, device=device, dtype=dtype, revision=revision)
@@ -406,7 +409,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         {j: out_gens.at[i, f"_v_{j}"].to_dict() for j in judge_names} for i in range(len(out_gens))]
     out_gens = out_gens.drop(columns=[f"_v_{j}" for j in judge_names] + ["key"])
     if run is not None:
-        lines = [json.dumps(r, ensure_ascii=False, default=_json_default) for r in out_gens.to_dict("records")]
+        lines = [_json_line(r) for r in out_gens.to_dict("records")]
         if harmless is not None:  # harmless responses too, judged by the keyword judges (over-refusal)
             lines += _harmless_lines(gens[gens["dataset"] == HARMLESS], judge_objs)
         run.write_text("generations.jsonl", "\n".join(lines) + "\n")
@@ -425,6 +428,12 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
                         for r in overall.to_dict("records")])
     return EvalResult(run_dir=run_path, asr=asr, helpfulness=help_df, generations=out_gens, ablations=ablations,
                       lm_eval=lm_eval_res, seed=seed)
+
+
+def _json_line(record: dict) -> str:
+    """One JSON line; pandas' NaN for missing values (e.g. the baseline's epsilon) becomes null."""
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+    return json.dumps(clean, ensure_ascii=False, default=_json_default, allow_nan=False)
 
 
 def _json_default(obj):
@@ -452,7 +461,7 @@ def _generate_into_cache(cache: ResponseCache, lm, tok, ps, todo: list[int], key
     # Longest prompts first and chunks of a few batches: little padding, and a killed run loses
     # at most one chunk.
     todo = sorted(todo, key=lambda i: -len(ps.prompts[i]))
-    chunk = max(1, batch_size) * 4
+    chunk = max(1, batch_size)
     fields = _condition_fields(cond)
     bar = tqdm(total=len(todo), desc=label, disable=quiet, unit="prompt")
     for start in range(0, len(todo), chunk):
@@ -510,7 +519,7 @@ def _harmless_lines(harmless_gens: pd.DataFrame, judge_objs) -> list[str]:
     lines = []
     for rec in harmless_gens.drop(columns=["key"]).to_dict("records"):
         rec["verdicts"] = {j.name: {"refused": j.is_refusal(rec["response"])} for j in keyword_judges}
-        lines.append(json.dumps(rec, ensure_ascii=False, default=_json_default))
+        lines.append(_json_line(rec))
     return lines
 
 

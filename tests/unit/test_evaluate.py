@@ -220,8 +220,12 @@ def _all_heads_ranked(path, methods=("undifferentiated",)):
     return _scores_csv(path, rows)
 
 
+def _no_nan(name):
+    raise AssertionError(f"{name} is not valid JSON")
+
+
 def _read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line, parse_constant=_no_nan) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_evaluate_end_to_end(tmp_path):
@@ -278,6 +282,8 @@ def test_evaluate_end_to_end(tmp_path):
              if g["condition"] == "baseline" and g["dataset"] != "harmless"}
     assert base1 == base2
     assert len(res2.generations) == 6
+    with pytest.raises(UsageError, match="helpfulness"):
+        evaluate(loaded, [str(harm), "harmless"], max_new_tokens=5, quiet=True)
 
 
 def test_evaluate_other_decoding_does_not_reuse(tmp_path):

@@ -1,0 +1,130 @@
+"""`safetyheads evaluate`: argument parsing only; calls `safetyheads.evaluate.evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from . import common
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K or K1,K2 (integers), got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_evaluate(args) -> int:
+    from ..errors import UsageError
+
+    if args.greedy and (args.top_k is not None or args.temperature is not None):
+        raise UsageError("--greedy cannot be combined with --top-k/--temperature (they choose sampling)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            result = _run(args)
+        finally:
+            for w in caught:  # e.g. "sampling without --seed: using seed N": one line, not a warning dump
+                print(f"warning: {w.message}", file=sys.stderr)
+    _report(result)
+    return 0
+
+
+def _run(args):
+    from ..evaluate import evaluate
+
+    sampling = args.top_k is not None or args.temperature is not None
+    return evaluate(
+        common.model_config_from_args(args), args.dataset or ["jailbreakbench"],
+        ablate=args.ablate or (), from_runs=args.from_runs or (), top=[k for ks in (args.top or []) for k in ks],
+        methods=[m for ms in args.method for m in ms] if args.method else ["undifferentiated"],
+        epsilon=args.epsilon, fmt=args.format, system_prompt=args.system_prompt,
+        max_new_tokens=args.max_new_tokens, greedy=not sampling, top_k=args.top_k,
+        temperature=args.temperature if args.temperature is not None else 1.0, seed=args.seed,
+        judges=args.judge or ["keywords"], judge_options={"batch_size": args.judge_batch_size},
+        column=args.column, limit=args.limit, sample=args.sample,
+        data_seed=args.seed if args.seed is not None else 0, data_dir=args.data_dir,
+        helpfulness=not args.no_helpfulness, harmless_limit=args.harmless_limit,
+        lm_eval_tasks=args.lm_eval_tasks or (), lm_eval_limit=args.lm_eval_limit, batch_size=args.batch_size,
+        reuse=args.reuse or (), out=args.out, resume=args.resume, force=args.force, quiet=args.quiet,
+    )
+
+
+def _report(result) -> None:
+    overall = result.asr[result.asr["category"] == "all"]
+    print(overall[["dataset", "condition", "method", "heads", "judge", "n", "asr"]].to_string(index=False))
+    if result.helpfulness is not None:
+        h = result.helpfulness
+        over = h[h["metric"] == "over_refusal_rate"][["condition", "method", "heads", "judge", "n", "value"]]
+        shift = h[h["metric"] != "over_refusal_rate"].pivot_table(
+            index=["condition", "method", "heads"], columns="metric", values="value", dropna=False).reset_index()
+        print("\nharmless set, over-refusal rate:")
+        print(over.rename(columns={"value": "over_refusal"}).to_string(index=False))
+        print("\nharmless set, next-token distribution vs the unablated model:")
+        print(shift.to_string(index=False))
+    if result.seed is not None:
+        print(f"sampling seed: {result.seed}")
+    files = "generations.jsonl, asr.csv" + (", helpfulness.csv/.json" if result.helpfulness is not None else "")
+    print(f"wrote {result.run_dir}/: {files}")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="ASR with heads ablated vs the unablated model, and the cost in helpfulness",
+        description="Generate answers to harmful prompts with the unablated model and with the given heads ablated "
+                    "(the ablation active for the whole generation), judge them, and write generations.jsonl, "
+                    "asr.csv (per dataset, per JailbreakBench category) and helpfulness.csv/.json "
+                    "(over-refusal, KL and top-1 agreement on the built-in harmless set).")
+    common.add_model_args(p)
+
+    g = p.add_argument_group("prompts")
+    g.add_argument("--dataset", action="append", metavar="NAME|PATH",
+                   help="jailbreakbench, maliciousinstruct, advbench or a .csv/.jsonl/.txt file; repeat for several "
+                        "(default jailbreakbench)")
+    g.add_argument("--column", default=None, metavar="NAME", help="prompt column of a .csv/.jsonl file")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N prompts of each set")
+    g.add_argument("--sample", type=int, default=None, metavar="N", help="use N prompts drawn at random (see --seed)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder searched first for the registered datasets' files (also SAFETYHEADS_DATA_DIR)")
+    common.add_prompt_args(p)
+
+    g = p.add_argument_group("ablation (each head list x each method is one ablated condition)")
+    g.add_argument("--ablate", action="append", metavar="HEADS", help="heads LAYER-HEAD, e.g. 2-26,3-8; repeatable")
+    g.add_argument("--from", dest="from_runs", action="append", metavar="RUN_DIR",
+                   help="a gships run folder (generalized_ships.csv); repeatable, e.g. one per method")
+    g.add_argument("--top", action="append", type=_int_list, metavar="K[,K2]",
+                   help="ablate the K best-ranked heads of --from (per method); e.g. 1,3")
+    g.add_argument("--method", action="append", type=_str_list, metavar="M[,M2]",
+                   help="undifferentiated (default), scaling, uniform or mean; e.g. undifferentiated,scaling")
+    g.add_argument("--epsilon", type=float, default=1e-5, help="ablation factor in (0, 1) (default 1e-5)")
+
+    g = p.add_argument_group("decoding (greedy unless --top-k or --temperature is given)")
+    g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens generated per answer (default 128)")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
+    g.add_argument("--temperature", type=float, default=None, metavar="T", help="sampling temperature (default 1)")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="sampling seed (also the seed of --sample); sampling without one warns and records the seed used")
+    g.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts per generation batch (default 16)")
+
+    g = p.add_argument_group("judges and helpfulness")
+    g.add_argument("--judge", action="append", metavar="SPEC",
+                   help="keywords (default; paper Table 4), keywords:jailbreakbench, keywords:gcg, "
+                        "keywords:FILE.txt, model:HF-ID-OR-PATH (Llama Guard style); repeatable")
+    g.add_argument("--judge-batch-size", type=int, default=8, metavar="B", help="batch size of model judges")
+    g.add_argument("--no-helpfulness", action="store_true", help="skip the harmless-set checks")
+    g.add_argument("--harmless-limit", type=int, default=None, metavar="N", help="use only N harmless prompts")
+    g.add_argument("--lm-eval-tasks", type=_str_list, default=None, metavar="T1,T2",
+                   help="also run these lm-eval tasks on the live model (needs `pip install lm-eval`; skipped otherwise)")
+    g.add_argument("--lm-eval-limit", type=int, default=None, metavar="N", help="examples per lm-eval task")
+    g.add_argument("--reuse", action="append", metavar="RUN_DIR",
+                   help="earlier evaluate run folder whose matching generations (e.g. the baseline) are reused")
+
+    common.add_run_args(p, out_required=True)
+    p.set_defaults(func=cmd_evaluate)
