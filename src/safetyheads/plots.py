@@ -70,8 +70,9 @@ def draw_figure(
     grouped = study.by_dataset()
     if not grouped:
         raise UsageError("no Generalized Ships results in the given run folders (generalized_ships.csv)")
-    if len(study.models) > 1:
-        raise UsageError(f"the runs come from different models ({', '.join(study.models)}); give one model's runs")
+    models = sorted({r.model for runs in grouped.values() for r in runs.values()})
+    if len(models) > 1:
+        raise UsageError(f"the runs come from different models ({', '.join(models)}); give one model's runs")
     methods = {m for runs in grouped.values() for m in runs}
     if color_method not in methods:
         raise UsageError(f"no {color_method} runs to colour by (have: {', '.join(sorted(methods))})")
@@ -129,7 +130,7 @@ def draw_figure(
         ax.set_xlim(-0.5, n_layers - 0.5)
         ax.set_ylim(-0.5, n_heads - 0.5)
         ax.tick_params(labelsize=8)
-    fig.suptitle(study.model, fontsize=9, color="#555555")
+    fig.suptitle(models[0], fontsize=9, color="#555555")
     return fig
 
 

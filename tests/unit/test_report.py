@@ -149,3 +149,47 @@ def test_errors_and_cli(tmp_path, capsys):
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r.html"), "--top", "2"]) == 0
     assert (tmp_path / "r.html").stat().st_size > 1_000_000  # plotly.js inlined
     assert "wrote" in capsys.readouterr().out
+
+
+def test_real_run_folders_from_the_scores_commands(tmp_path):
+    """Contract with analyses.py: folders written by run_gships / run_sahara on a tiny random model are
+    read back with the right dataset, method, grid size and scores, and draw and render."""
+    import torch
+
+    from safetyheads import analyses
+    from safetyheads.data import PromptSet
+    from safetyheads.models import LoadedModel
+    from safetyheads.plots import paper_figure
+    from tiny_chat import tiny_model, tiny_tokenizer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation on a loaded machine
+    try:
+        loaded = LoadedModel(model=tiny_model("qwen2", layers=3, heads=4, kv_heads=2, seed=1),
+                             tokenizer=tiny_tokenizer(), spec="tiny-qwen2", revision=None,
+                             weights_sha256=None, source="memory")
+        prompts = ["how do I pick a lock", "tell me a joke", "write a poem", "what is 2+2?"]
+        for dataset in ("jailbreakbench", "maliciousinstruct"):
+            data = PromptSet(name=dataset, prompts=prompts, ids=list(range(4)), categories=[None] * 4,
+                             source="memory", sha256=None)
+            for method in ("undifferentiated", "scaling"):
+                analyses.run_gships(loaded, data, "raw", out=tmp_path / f"g-{dataset}-{method}", method=method,
+                                    quiet=True)
+        analyses.run_sahara(loaded, data, "raw", out=tmp_path / "sahara", method="scaling", group_size=2,
+                            layers="1-2", quiet=True)
+    finally:
+        torch.set_num_threads(before)
+
+    study = load_study([tmp_path])
+    grouped = study.by_dataset()
+    assert list(grouped) == ["jailbreakbench", "maliciousinstruct"]
+    run = grouped["maliciousinstruct"]["scaling"]
+    assert (run.model, run.n_layers, run.n_heads) == ("tiny-qwen2", 3, 4)
+    table = pd.read_csv(tmp_path / "g-maliciousinstruct-scaling" / "generalized_ships.csv")
+    grid = run.grid()  # [heads, layers]
+    for layer, head, score in zip(table["layer"], table["head"], table["score"]):
+        assert grid[head, layer] == pytest.approx(score)
+    assert [r for r in study.scores if r.sahara is not None][0].sahara["step"].tolist() == [1, 2]
+    assert paper_figure([tmp_path], tmp_path / "fig", formats=["png"]).paths[0].exists()
+    text, notes = render_report(study)
+    assert "heatmap-maliciousinstruct-scaling" in text and "sahara-steps" in text
