@@ -13,7 +13,7 @@ from .errors import UsageError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"  # same as models.DEFAULT_MODEL (not imported: keeps this module light)
 DEFAULT_DATASET = "jailbreakbench"
-FORMATS = ("chat", "paper", "raw")
+FORMATS = ("chat", "paper", "reference", "raw")  # prompts.py implements them (and imports this list)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")

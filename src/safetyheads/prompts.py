@@ -1,4 +1,4 @@
-"""Prompt formats (chat / paper / raw) and batched, left-padded tokenisation.
+"""Prompt formats (chat / paper / reference / raw) and batched, left-padded tokenisation.
 
 Left padding puts every prompt's last real token at position -1, so "the next-token distribution" is always
 `logits[:, -1]`, and generation continues every row from the same column.
@@ -10,18 +10,20 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
-FORMATS = ("chat", "paper", "raw")
+from .config import FORMATS  # noqa: E402  (one list; config.py is import-light)
 
-# The paper's "template" setting, exactly as its reference implementation builds it: no space after the
-# colon, one newline (see ../shared/reference/README.md; the fidelity scores were computed on these inputs).
-PAPER_TEMPLATE = "## Query:{query}\n## Answer:"
+# The paper's "template" setting as the paper writes it.
+PAPER_TEMPLATE = "## Query: {query}\n## Answer:"
+# The same template exactly as the reference implementation builds it: no space after the colon (see
+# ../shared/reference/README.md; its Generalized Ships scores were computed on these inputs).
+REFERENCE_TEMPLATE = "## Query:{query}\n## Answer:"
 
 
 def format_prompts(tokenizer, prompts: list[str], fmt: str, system_prompt: str | None = None) -> list[str]:
     """Turn plain requests into model input text.
 
     `chat`: the tokenizer's chat template with the generation prompt (assistant turn opened), optional system
-    message; `paper`: PAPER_TEMPLATE; `raw`: the request itself."""
+    message; `paper`: PAPER_TEMPLATE; `reference`: REFERENCE_TEMPLATE (the reference code's spacing); `raw`: the request itself."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if system_prompt is not None and fmt != "chat":
@@ -30,6 +32,8 @@ def format_prompts(tokenizer, prompts: list[str], fmt: str, system_prompt: str |
         return list(prompts)
     if fmt == "paper":
         return [PAPER_TEMPLATE.format(query=q) for q in prompts]
+    if fmt == "reference":
+        return [REFERENCE_TEMPLATE.format(query=q) for q in prompts]
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError("this model's tokenizer has no chat template; use --format paper or --format raw")
     texts = []

@@ -33,8 +33,9 @@ def make_tokenizer(chat_template: str | None = CHAT, add_bos: bool = True) -> Pr
 def test_raw_and_paper_formats():
     tok = make_tokenizer()
     assert format_prompts(tok, ["hello world"], "raw") == ["hello world"]
-    assert format_prompts(tok, ["how do i bake bread"], "paper") == ["## Query:how do i bake bread\n## Answer:"]
-    assert PAPER_TEMPLATE.format(query="x") == "## Query:x\n## Answer:"
+    assert format_prompts(tok, ["how do i bake bread"], "paper") == ["## Query: how do i bake bread\n## Answer:"]
+    assert format_prompts(tok, ["how do i bake bread"], "reference") == ["## Query:how do i bake bread\n## Answer:"]
+    assert PAPER_TEMPLATE.format(query="x") == "## Query: x\n## Answer:"
 
 
 def test_chat_format_uses_template_and_system_prompt():
@@ -48,7 +49,7 @@ def test_chat_format_uses_template_and_system_prompt():
 def test_unknown_format_is_usage_error():
     with pytest.raises(UsageError, match="unknown prompt format 'fancy'"):
         format_prompts(make_tokenizer(), ["hello"], "fancy")
-    assert set(FORMATS) == {"chat", "paper", "raw"}
+    assert set(FORMATS) == {"chat", "paper", "reference", "raw"}
 
 
 def test_chat_without_template_is_usage_error():

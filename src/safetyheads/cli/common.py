@@ -51,7 +51,7 @@ def add_data_args(parser: argparse.ArgumentParser, default_dataset: str | None =
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("prompt format")
     g.add_argument("--format", default="chat", choices=FORMATS,
-                   help="chat: the model's chat template; paper: '## Query:...\\n## Answer:'; raw: as is (default chat)")
+                   help="chat: the model's chat template; paper: '## Query: ...\\n## Answer:'; reference: the same without the space, as the reference code; raw: as is (default chat)")
     g.add_argument("--system-prompt", default=None, metavar="TEXT", help="system message (chat format only)")
 
 
