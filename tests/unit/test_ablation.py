@@ -160,3 +160,26 @@ def test_generate_with_cache_applies_ablation_to_every_token(model):
     stock = model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
     assert model.config._attn_implementation in ("sdpa", "eager")
     assert stock.shape == generated.shape
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_neox"])  # bool sdpa mask, float eager mask, fused qkv
+def test_mean_ablation_uses_mean_over_real_positions(arch):
+    model = tiny_model(arch)
+    ids, mask, pos = left_pad([random_ids(1, 9, seed=13)[0], random_ids(1, 4, seed=14)[0]])
+    layer, head, hd = 1, 2, 16
+    attn = attention_module(decoder_layers(model)[layer])
+    o_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.dense
+    seen = []
+    hook = o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        model(input_ids=ids, attention_mask=mask, position_ids=pos)  # clean: head outputs
+        with ablated(model, [(layer, head)], "mean"):
+            model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    finally:
+        hook.remove()
+    clean, ablated_in = (x.view(*x.shape[:2], HEADS, hd) for x in seen)  # [B, T, H, hd]
+    real = mask.bool()
+    expected = clean[real][:, head].mean(0)  # over every real position of every prompt
+    assert torch.allclose(ablated_in[:, :, head], expected.expand_as(ablated_in[:, :, head]), atol=1e-6)
+    assert torch.equal(ablated_in[:, :, head - 1], clean[:, :, head - 1])  # other heads untouched
