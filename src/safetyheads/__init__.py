@@ -1,23 +1,91 @@
 """safetyheads: find the attention heads an LLM's safety behaviour depends on, ablate them, show it.
 
-Public API (each CLI command calls one of these)."""
+Public API (each CLI command calls one of these). Names are imported lazily (PEP 562), so that
+`import safetyheads` and `safetyheads --help` do not pay for importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .errors import SafetyHeadsError, UsageError, UnsupportedModelError, DownloadError  # noqa: F401
-from .results import Study, load_study  # noqa: F401,E402  (run folders read back for display)
-from .plots import paper_figure  # noqa: F401,E402
-from .report import build_report  # noqa: F401,E402
-from .models import BUILTIN_MODELS, DEFAULT_MODEL, LoadedModel, load_model  # noqa: F401,E402
-from .data import DATASETS, PromptSet, load_prompts  # noqa: F401,E402
-from .prompts import FORMATS, Encoded, encode, format_prompts  # noqa: F401,E402
-from .config import DataConfig, ModelConfig, PromptConfig, RunConfig  # noqa: F401,E402
-from .runs import RunDir  # noqa: F401,E402
-from .ablation import METHODS, SUPPORTED_ARCHITECTURES, HeadAblator, ablated, check_supported, num_layers_heads, parse_heads, parse_layers, surgery  # noqa: F401,E402
-from .engine import CleanCache, SweepResult, prepare, sweep  # noqa: F401,E402
-from .scores import generalized_ships, kl_from_logprobs, principal_angles  # noqa: F401,E402
-from .analyses import GShipsResult, SaharaResult, ShipsResult, run_gships, run_sahara, run_ships  # noqa: F401,E402
-from .judges import JUDGES, Judge, KeywordJudge, ModelJudge, Verdict, attack_success_rate, get_judge, register_judge  # noqa: F401,E402
-from .generation import Generations, generate_responses, generate_texts  # noqa: F401,E402
-# `evaluate` itself is not re-exported: it would shadow the module `safetyheads.evaluate`
-from .evaluate import Ablation, EvalResult, build_ablations, heads_from_scores  # noqa: F401,E402
+from .errors import DownloadError, SafetyHeadsError, UnsupportedModelError, UsageError  # noqa: F401
+
+# public name -> module that defines it. `evaluate` itself is not re-exported: it would shadow the
+# module `safetyheads.evaluate`.
+_EXPORTS: dict[str, str] = {
+    "Study": "results",
+    "load_study": "results",
+    "paper_figure": "plots",
+    "build_report": "report",
+    "BUILTIN_MODELS": "models",
+    "DEFAULT_MODEL": "models",
+    "LoadedModel": "models",
+    "load_model": "models",
+    "DATASETS": "data",
+    "PromptSet": "data",
+    "load_prompts": "data",
+    "FORMATS": "prompts",
+    "Encoded": "prompts",
+    "encode": "prompts",
+    "format_prompts": "prompts",
+    "DataConfig": "config",
+    "ModelConfig": "config",
+    "PromptConfig": "config",
+    "RunConfig": "config",
+    "RunDir": "runs",
+    "METHODS": "ablation",
+    "SUPPORTED_ARCHITECTURES": "ablation",
+    "HeadAblator": "ablation",
+    "ablated": "ablation",
+    "check_supported": "ablation",
+    "num_layers_heads": "ablation",
+    "parse_heads": "ablation",
+    "parse_layers": "ablation",
+    "surgery": "ablation",
+    "CleanCache": "engine",
+    "SweepResult": "engine",
+    "prepare": "engine",
+    "sweep": "engine",
+    "generalized_ships": "scores",
+    "kl_from_logprobs": "scores",
+    "principal_angles": "scores",
+    "GShipsResult": "analyses",
+    "SaharaResult": "analyses",
+    "ShipsResult": "analyses",
+    "run_gships": "analyses",
+    "run_sahara": "analyses",
+    "run_ships": "analyses",
+    "JUDGES": "judges",
+    "Judge": "judges",
+    "KeywordJudge": "judges",
+    "ModelJudge": "judges",
+    "Verdict": "judges",
+    "attack_success_rate": "judges",
+    "get_judge": "judges",
+    "register_judge": "judges",
+    "Generations": "generation",
+    "generate_responses": "generation",
+    "generate_texts": "generation",
+    "Ablation": "evaluate",
+    "EvalResult": "evaluate",
+    "build_ablations": "evaluate",
+    "heads_from_scores": "evaluate",
+}
+
+__all__ = ["__version__", "DownloadError", "SafetyHeadsError", "UnsupportedModelError", "UsageError", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safetyheads' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
