@@ -28,6 +28,7 @@ from .ablation import Head, HeadAblator, MeanRecorder
 from .errors import UsageError
 
 WANTS = ("kl", "hidden", "logprobs")
+MAX_GROUP = 64  # prompts per clean-pass mini-batch
 
 
 @dataclass
@@ -117,6 +118,8 @@ def prepare(model: nn.Module, encoded: Any) -> CleanCache:
     by_length: dict[int, list[int]] = {}
     for p, n in enumerate(lengths):
         by_length.setdefault(int(n), []).append(p)
+    # mini-batches of at most MAX_GROUP prompts bound the clean pass's memory
+    batches = [(n, ps[i:i + MAX_GROUP]) for n, ps in sorted(by_length.items()) for i in range(0, len(ps), MAX_GROUP)]
 
     layers = ablation.decoder_layers(model)
     norm = ablation.final_norm(model)
@@ -141,7 +144,7 @@ def prepare(model: nn.Module, encoded: Any) -> CleanCache:
     clean_hidden: torch.Tensor | None = None
     try:
         with MeanRecorder(model) as recorder:
-            for n, prompts in sorted(by_length.items()):
+            for n, prompts in batches:
                 ids = input_ids[prompts][:, -n:].to(device)  # left padding: the real tokens are the last n
                 record.clear()
                 last_normed.clear()

@@ -113,3 +113,18 @@ def test_sweep_rejects_bad_arguments():
         sweep(cache, [[(0, 0)]], "scaling", 1.5, progress=False)
     with pytest.raises(UsageError, match="outside"):
         sweep(cache, [[(LAYERS, 0)]], "scaling", progress=False)
+
+
+def test_clean_pass_mini_batches_agree(monkeypatch):
+    import safetyheads.engine as engine
+
+    model = tiny_model("gemma2", True)  # eager: recorded masks carry a batch dimension
+    whole = prepare(model, _encoded())
+    monkeypatch.setattr(engine, "MAX_GROUP", 1)
+    split = prepare(model, _encoded())
+    assert len(split.groups) == len(PROMPT_LENGTHS) > len(whole.groups)
+    a = sweep(whole, CONFIGS, "scaling", want=("kl", "hidden"), progress=False)
+    b = sweep(split, CONFIGS, "scaling", want=("kl", "hidden"), progress=False)
+    assert (a.kl - b.kl).abs().max() <= 1e-6
+    assert (a.hidden - b.hidden).abs().max() <= 1e-5
+    assert (whole.head_means - split.head_means).abs().max() <= 1e-5
