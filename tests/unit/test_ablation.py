@@ -183,3 +183,23 @@ def test_mean_ablation_uses_mean_over_real_positions(arch):
     expected = clean[real][:, head].mean(0)  # over every real position of every prompt
     assert torch.allclose(ablated_in[:, :, head], expected.expand_as(ablated_in[:, :, head]), atol=1e-6)
     assert torch.equal(ablated_in[:, :, head - 1], clean[:, :, head - 1])  # other heads untouched
+
+
+def test_context_restores_model_after_an_error_and_nests():
+    model = tiny_model("qwen2", True)
+    ids = random_ids(1, 7, seed=15)
+    with torch.no_grad():
+        stock = model(ids).logits
+        with pytest.raises(KeyError):
+            with ablated(model, [(1, 1)], "scaling", 1e-3):
+                raise KeyError("boom")
+        assert model.config._attn_implementation == "sdpa"
+        assert not any(hasattr(attention_module(l), "_safetyheads_ablation") for l in decoder_layers(model))
+        assert torch.equal(model(ids).logits, stock)
+        with ablated(model, [(1, 1)], "scaling", 1e-3):
+            outer = model(ids).logits
+            with ablated(model, [(2, 0)], "uniform"):
+                inner = model(ids).logits
+            assert torch.equal(model(ids).logits, outer)  # the outer ablation is back
+        with ablated(model, [(2, 0)], "uniform"):
+            assert torch.equal(model(ids).logits, inner)  # inner replaces, does not stack
