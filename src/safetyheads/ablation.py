@@ -405,8 +405,8 @@ class HeadAblator:
         out, weights = fn(module, query, key, value, *args, **kwargs)  # out: [batch, q_len, heads, head_dim]
         if mean_mask is not None:
             mean = self._head_means(layer, out, args[0] if args else kwargs.get("attention_mask"))  # [H, hd]
-            weight = self._rows(mean_mask, batch, out)[:, None, :, None]  # [batch, 1, H, 1]
-            out = out * (1 - weight) + weight * mean[None, None].to(out)
+            replace = self._rows(mean_mask, batch, out)[:, None, :, None] > 0  # [batch, 1, H, 1]
+            out = torch.where(replace, mean[None, None].to(out), out)
         if o_scale is not None:
             out = out * self._rows(o_scale, batch, out)[:, None, :, None]  # o_scale: [batch, 1, H, 1]
         return out, weights
@@ -416,8 +416,9 @@ class HeadAblator:
             return self.mean_values[layer]
         if layer not in self._means:
             real = _real_query_rows(attention_mask, out.shape[0], out.shape[1], out.device)  # [B, q]
-            w = real.to(out.dtype)[:, :, None, None]
-            self._means[layer] = ((out * w).sum((0, 1)) / w.sum().clamp_min(1)).detach()  # [H, hd]
+            # masked_fill, not a product: a fully masked padding row may hold NaN
+            total = out.masked_fill(~real[:, :, None, None], 0).sum((0, 1))  # [H, hd]
+            self._means[layer] = (total / real.sum().clamp_min(1)).detach()
         return self._means[layer]
 
 
@@ -441,10 +442,9 @@ class MeanRecorder:
     def attend(self, fn, layer, module, query, key, value, *args, **kwargs):
         out, weights = fn(module, query, key, value, *args, **kwargs)  # [B, q, H, hd]
         real = _real_query_rows(args[0] if args else kwargs.get("attention_mask"), out.shape[0], out.shape[1], out.device)
-        w = real.to(torch.float32)[:, :, None, None]
-        total = (out.float() * w).sum((0, 1)).detach()  # [H, hd]
+        total = out.float().masked_fill(~real[:, :, None, None], 0).sum((0, 1)).detach()  # [H, hd]
         self._sum[layer] = self._sum.get(layer, 0) + total
-        self._count[layer] = self._count.get(layer, 0.0) + float(w.sum())
+        self._count[layer] = self._count.get(layer, 0.0) + float(real.sum())
         return out, weights
 
     def means(self) -> torch.Tensor:
