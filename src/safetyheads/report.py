@@ -424,28 +424,76 @@ def _section_examples(evals: list[EvalRun], per_dataset: int) -> str:
 # ---------------------------------------------------------------- manifests
 
 
-def _joined(values) -> str:
-    return ", ".join(map(str, values)) if isinstance(values, (list, tuple)) or hasattr(values, "__next__") else _text(values)
+_KEY_PACKAGES = ("safetyheads", "torch", "transformers", "python")
 
 
-def _section_manifests(paths: Iterable[tuple[Path, dict, str]]) -> str:
+def _names(value) -> str:
+    """A list of names or of {"name": ...} dicts (as manifests hold datasets), joined."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v.get("name", v)) if isinstance(v, dict) else str(v) for v in value)
+    return _text(value)
+
+
+def _prompt_counts(manifest: dict) -> str:
+    sets = manifest.get("datasets")
+    if isinstance(sets, list) and sets and all(isinstance(d, dict) for d in sets):
+        return ", ".join(str(d.get("n", "?")) for d in sets)
+    n = manifest_field(manifest, "n_prompts")
+    return "" if n is None else str(n)
+
+
+def _when(manifest: dict) -> str:
+    """"2026-11-29 15:47 (3.2 min)" from the manifest's ISO start and end times."""
+    started, finished = manifest.get("started"), manifest.get("finished")
+    if not isinstance(started, str):
+        return ""
+    text = started[:16].replace("T", " ")
+    if not isinstance(finished, str):
+        return f"{text} (unfinished)"
+    try:
+        seconds = (pd.Timestamp(finished) - pd.Timestamp(started)).total_seconds()
+    except (TypeError, ValueError):
+        return text
+    return f"{text} ({seconds / 60:.1f} min)" if seconds >= 60 else f"{text} ({seconds:.0f} s)"
+
+
+def _section_manifests(paths: Sequence[tuple[Path, dict, str]]) -> str:
+    """The provenance of every number on the page: one row per run folder, the full manifests below."""
     rows, details = [], []
     for path, manifest, kind in paths:
         versions = manifest_field(manifest, "versions", "packages")
-        version_text = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else _e(versions)
+        if isinstance(versions, dict):
+            shown = {k: v for k, v in versions.items() if k in _KEY_PACKAGES} or versions
+            version_text = ", ".join(f"{k} {v}" for k, v in shown.items())
+        else:
+            version_text = _text(versions)
+        git = manifest.get("git") if isinstance(manifest.get("git"), dict) else {}
+        sha = manifest_field(manifest, "weights_sha256")
+        ablations = manifest_field(manifest, "ablations") or []
         rows.append({
-            "run folder": str(path), "kind": kind,
+            "run folder": path.name, "command": str(manifest.get("command") or kind),
             "model": manifest_field(manifest, "model", keys=("spec", "name", "id")) or "",
-            "dataset": manifest_field(manifest, "dataset", keys=("name", "dataset")) or _joined(manifest_field(manifest, "datasets")),
-            "method": manifest_field(manifest, "method") or _joined(
-                f"{a.get('method')} {a.get('heads')}" for a in manifest_field(manifest, "ablations") or [] if isinstance(a, dict)),
+            "weights sha256": f"{sha[:12]}…" if isinstance(sha, str) and sha else "",
+            "dataset": manifest_field(manifest, "dataset", keys=("name", "dataset"))
+            or _names(manifest_field(manifest, "datasets")),
+            "prompts": _prompt_counts(manifest),
+            "method / ablations": manifest_field(manifest, "method")
+            or "; ".join(f"{a.get('method')} {a.get('heads')}" for a in ablations if isinstance(a, dict)),
             "epsilon": str(manifest_field(manifest, "epsilon") or ""),
             "format": manifest_field(manifest, "format") or "",
-            "versions": version_text or "",
+            "started (duration)": _when(manifest),
+            "git": (str(git.get("commit", ""))[:10] + (" (dirty)" if git.get("dirty") else "")) if git else "",
+            "versions": version_text,
         })
         details.append(f"<details><summary>{_e(path)}/manifest.json</summary>"
                        f"<pre>{_e(json.dumps(manifest, indent=2, sort_keys=True, default=str))}</pre></details>")
-    return _table(pd.DataFrame(rows)) + "".join(details)
+    table = pd.DataFrame(rows)
+    parents = sorted({str(p.parent) for p, _, _ in paths})
+    intro = f"<p class='small'>Run folders in: {_e(', '.join(parents))}</p>"
+    if table["versions"].nunique() == 1:  # the usual case: say it once
+        intro += f"<p class='small'>Package versions: {_e(table['versions'].iloc[0])}</p>"
+        table = table.drop(columns="versions")
+    return intro + f"<div class='wide'>{_table(table, css_class='small')}</div>" + "".join(details)
 
 
 # ---------------------------------------------------------------- page
@@ -460,7 +508,7 @@ th{background:#f5f5f5} td.num{text-align:right;font-variant-numeric:tabular-nums
 .example{border:1px solid #ddd;border-radius:6px;padding:8px 10px;margin:10px 0}
 .pair{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:10px;margin-top:6px} .tag{font-size:.8em;color:#666}
 pre{white-space:pre-wrap;word-break:break-word;background:#f8f8f8;padding:6px 8px;margin:2px 0;font-size:.85em;max-height:22em;overflow:auto}
-.small{font-size:.85em;color:#555} code{background:#f3f3f3;padding:0 3px}
+.small{font-size:.85em;color:#555} .wide{overflow-x:auto} code{background:#f3f3f3;padding:0 3px}
 """
 
 
