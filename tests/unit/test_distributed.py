@@ -168,14 +168,19 @@ def test_torchrun_two_processes_write_byte_identical_files(tiny_model_dir, tmp_p
     runs = [[*argv, "--out", str(tmp_path / "two" / name)] + (["--resume"] if name == "gships" else [])
             for name, argv in commands.items()]
     driver = tmp_path / "driver.py"
+    # Last, a user error that only rank 0 can see (--out holds another run): every rank must
+    # exit with the one-line error (status 2) instead of waiting for rank 0 forever.
+    refused = ["gships", *common, "--out", str(tmp_path / "two" / "ships")]
     driver.write_text("from safetyheads.cli.main import main\n"
                       f"for argv in {runs!r}:\n"
-                      "    assert main(argv) == 0, argv\n")
+                      "    assert main(argv) == 0, argv\n"
+                      f"assert main({refused!r}) == 2\n")
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(free_port()), str(driver)],
                           capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("already holds a different run") == 2  # both ranks report it
 
     for name in commands:
         one, two = _result_files(tmp_path / "one" / name), _result_files(tmp_path / "two" / name)
