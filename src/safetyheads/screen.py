@@ -227,15 +227,20 @@ def fisher_probes(model: nn.Module, h: torch.Tensor, probes: int, tokens: int = 
         if slope is not None:
             rows = rows * slope.gather(1, top_i)[..., None]
         a = top_p.sqrt()[..., None] * (rows - jbar[:, None, :])  # [B, K, D]: G ≈ aᵀa
-        _, sv, vh = torch.linalg.svd(a.double(), full_matrices=False)  # sv [B, K], vh [B, K, D]
-        m = min(probes, sv.shape[1])
-        q = sv[:, :m, None] * vh[:, :m, :]  # [B, m, D]
-        captured = (sv[:, :m] ** 2).sum(-1) / trace.clamp_min(1e-300)
-        if random_probes > 0 and sv.shape[1] > m:
+        # Eigen-decomposition of the small Gram matrix a aᵀ [K, K] instead of an SVD of a: same
+        # spectrum, several times cheaper. Right singular vectors: σ_j v_j = a_ᵀ u_j.
+        a = a.double()
+        evals, evecs = torch.linalg.eigh(a @ a.transpose(1, 2))  # ascending: [B, K], [B, K, K]
+        evals, evecs = evals.flip(-1).clamp_min(0.0), evecs.flip(-1)  # descending
+        m = min(probes, evals.shape[1])
+        q = evecs[:, :, :m].transpose(1, 2) @ a  # [B, m, D]: rows σ_j v_j (norm √λ_j)
+        captured = evals[:, :m].sum(-1) / trace.clamp_min(1e-300)
+        if random_probes > 0 and evals.shape[1] > m:
+            # Σ_{j>m} ξ_j σ_j v_j = (U_rest ξ)ᵀ a: a Gaussian draw from the rest of the spectrum.
             gen = torch.Generator().manual_seed(seed)
-            xi = torch.randn(sv.shape[0], random_probes, sv.shape[1] - m, generator=gen, dtype=torch.float64)
-            rest = sv[:, m:, None] * vh[:, m:, :]  # [B, K-m, D]
-            q = torch.cat([q, (xi.to(rest.device) @ rest) / math.sqrt(random_probes)], 1)  # [B, m+n, D]
+            xi = torch.randn(evals.shape[0], random_probes, evals.shape[1] - m, generator=gen, dtype=torch.float64)
+            rest = xi.to(a.device) @ evecs[:, :, m:].transpose(1, 2) @ a  # [B, n, D]
+            q = torch.cat([q, rest / math.sqrt(random_probes)], 1)  # [B, m+n, D]
         q = q.to(h.dtype)
     return q, captured.clamp(max=1.0), logp
 
