@@ -99,7 +99,7 @@ def draw_figure(
         g = shade.grid()
         grid[: g.shape[0], : g.shape[1]] = g
         image = ax.imshow(
-            np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap, interpolation="nearest",
+            np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap, interpolation="none",  # vector files embed the raw L x H grid
             extent=(-0.5, n_layers - 0.5, -0.5, n_heads - 0.5),
         )
         bar = fig.colorbar(image, ax=ax, pad=0.02, fraction=0.06)

@@ -82,19 +82,21 @@ def test_files_written_png_300dpi_svg_pdf(tmp_path):
 def test_same_runs_same_bytes(tmp_path):
     """The README's figure is committed: regenerating it from unchanged runs must not change the file."""
     make_study(tmp_path / "runs", n_layers=5, n_heads=3)
-    first = paper_figure([tmp_path / "runs"], tmp_path / "a", formats=["svg", "pdf"]).paths
-    second = paper_figure([tmp_path / "runs"], tmp_path / "b", formats=["svg", "pdf"]).paths
+    first = paper_figure([tmp_path / "runs"], tmp_path / "a", formats=["svg"]).paths
+    second = paper_figure([tmp_path / "runs"], tmp_path / "b", formats=["svg"]).paths
     for one, two in zip(first, second):
         assert one.read_bytes() == two.read_bytes()
 
 
 def test_single_method_and_missing_optional_files(tmp_path):
+    make_scores_run(tmp_path, dataset="jailbreakbench", method="undifferentiated", n_layers=5, n_heads=3)
     _, scores = make_scores_run(tmp_path, dataset="maliciousinstruct", method="scaling", summary=False,
                                 sahara=False, manifest_sizes=False, n_layers=5, n_heads=3)
     notes: list[str] = []
-    fig = draw_figure(load_study([tmp_path]), top=2, notes=notes)
+    fig = draw_figure(load_study([tmp_path]), top=2, notes=notes, datasets=["maliciousinstruct"])
     assert fig.axes[0].images[0].get_array().shape == (3, 5)  # sizes read from the CSV
-    assert any("no undifferentiated run" in n for n in notes)
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), scores.T)  # coloured by what there is
+    assert any("maliciousinstruct: no undifferentiated run" in n for n in notes)
     assert _scatter_cells(fig.axes[0]) == [_top_cells(scores, 2)]
 
 
