@@ -13,6 +13,7 @@ from safetyheads.ablation import ablated, attention_module, decoder_layers, num_
 from safetyheads.data import load_prompts
 from safetyheads.engine import prepare, sweep
 from safetyheads.prompts import encode
+from tiny_models import one_thread  # noqa: F401  (module-scoped: 1 thread, immune to a busy machine)
 
 TOL = 1e-4
 
