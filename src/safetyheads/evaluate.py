@@ -311,6 +311,8 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     from .data import load_prompts
 
     check_decoding(max_new_tokens, greedy, top_k, temperature)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     if not datasets:
         raise UsageError("give at least one --dataset")
     if len(set(datasets)) != len(datasets):
@@ -365,12 +367,13 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         reusable.update(ResponseCache(f).rows)
     n_reused = 0
 
-    # 1. generate (baseline first, then each ablation), reusing cached rows
+    # 1. generate, reusing cached rows; condition by condition (baseline first), so a run stopped
+    #    early holds whole conditions
     all_sets = prompt_sets + ([harmless] if harmless is not None else [])
     conditions: list[Ablation | None] = [None, *ablations]
     wanted: list[str] = []
-    for ps in all_sets:
-        for cond in conditions:
+    for cond in conditions:
+        for ps in all_sets:
             ckey = BASELINE if cond is None else cond.key
             keys = [_row_key(gen_key, ps.name, pid, p, ckey) for pid, p in zip(ps.ids, ps.prompts)]
             wanted += keys

@@ -120,6 +120,8 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, max_new_tokens: in
     from .prompts import encode
 
     check_decoding(max_new_tokens, greedy, top_k, temperature)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     seed = resolve_seed(greedy, seed)
     stop_ids = stop_token_ids(model, tokenizer)
     gc = _generation_config(model, tokenizer, stop_ids, max_new_tokens, greedy, top_k, temperature)
