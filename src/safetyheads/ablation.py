@@ -340,6 +340,7 @@ class HeadAblator:
         n_layers, n_heads = num_layers_heads(model)
         self._layers: list[tuple | None] = []
         self._means: dict[int, torch.Tensor] = {}
+        self._moved: dict[tuple, torch.Tensor] = {}
         for layer in range(n_layers):
             parts = []
             active = False
@@ -387,12 +388,17 @@ class HeadAblator:
 
     def _rows(self, col: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
         rows = col.shape[0]
-        if rows == 1:
-            return col.to(device=like.device, dtype=like.dtype)
-        n = self.batch_rows if self.batch_rows is not None else rows
-        if n != batch or n > rows:
+        n = 1 if rows == 1 else (self.batch_rows if self.batch_rows is not None else rows)
+        if rows != 1 and (n != batch or n > rows):
             raise UsageError(f"ablation table has {rows} rows (using {n}) but the batch has {batch} examples")
-        return col[:n].to(device=like.device, dtype=like.dtype)
+        if col.requires_grad:  # keep the graph (gradient screening)
+            return col[:n].to(device=like.device, dtype=like.dtype)
+        # one host-to-device copy per table column, not one per forward pass (generation steps)
+        key = (id(col), n, like.device, like.dtype)
+        moved = self._moved.get(key)
+        if moved is None:
+            moved = self._moved[key] = col[:n].to(device=like.device, dtype=like.dtype)
+        return moved
 
     def attend(self, fn: Callable, layer: int, module: nn.Module, query, key, value, *args, **kwargs):
         parts = self._layers[layer]
