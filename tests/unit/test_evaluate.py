@@ -328,3 +328,20 @@ def test_evaluate_bad_input_before_loading(tmp_path, kwargs, match):
         evaluate("no-such-model-needed", [str(harm)], out=tmp_path / "run", quiet=True, **kwargs)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--judge", "bogus"], "unknown judge 'bogus'"),
+    (["--from", "EMPTY", "--top", "2"], "has no generalized_ships.csv"),
+    (["--greedy", "--top-k", "5"], "--greedy cannot be combined"),
+    (["--ablate", "0-1", "--from", "EMPTY", "--top", "1"], "either --ablate or --from"),
+])
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, argv, match):
+    from safetyheads.cli.main import main
+
+    (tmp_path / "empty").mkdir()
+    argv = [str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
+    rc = main(["evaluate", "--model", "never-loaded", "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and match in err and "\n" not in err
