@@ -188,6 +188,7 @@ def test_run_screen_auto_writes_exact_top_k(chat_loaded, tmp_path, target):
 
 
 def test_screen_cli(chat_loaded, tmp_path, capsys):
+    import pandas as pd
     from safetyheads.cli.main import main
 
     model_dir = tmp_path / "model"
@@ -205,3 +206,11 @@ def test_screen_cli(chat_loaded, tmp_path, capsys):
     assert main(argv) == 2  # the folder holds this run now: refuse without --resume/--force
     assert main(argv[:-1] + ["--method", "mean", "--force", "--quiet"]) == 2
     assert "screen supports" in capsys.readouterr().err
+    # the same screen from `gships --mode auto` (exact scores for the top 2) and a bad --mode
+    out2 = tmp_path / "run2"
+    base = ["gships", "--model", str(model_dir), "--dataset", str(data), "--out", str(out2), "--method", "scaling",
+            "--quiet"]
+    assert main(base + ["--mode", "auto", "--top-k", "2"]) == 0
+    assert (out2 / "screen.csv").is_file() and len(pd.read_csv(out2 / "generalized_ships.csv")) == 2
+    assert main(base + ["--mode", "fast", "--force"]) == 2
+    assert "--mode" in capsys.readouterr().err

@@ -45,6 +45,9 @@ def _print_top(df, columns, quiet: bool, n: int = 10) -> None:
 
 def cmd_ships(args) -> int:
     from ..analyses import run_ships
+    from .cmd_screen import screen_instead  # --mode screen|auto (issue 7)
+    if (code := screen_instead(args, "ships")) is not None:
+        return code
     result = run_ships(*_inputs(args), smoothed=args.smoothed, with_gships=args.with_gships, rank=args.rank,
                        center=args.center, **_ablation(args))
     _print_top(result.summary, ["layer", "head", "mean", "median", "top10_count"], args.quiet)
@@ -55,6 +58,9 @@ def cmd_ships(args) -> int:
 
 def cmd_gships(args) -> int:
     from ..analyses import run_gships
+    from .cmd_screen import screen_instead  # --mode screen|auto (issue 7)
+    if (code := screen_instead(args, "gships")) is not None:
+        return code
     result = run_gships(*_inputs(args), rank=args.rank, center=args.center, **_ablation(args))
     _print_top(result.table, ["rank", "layer", "head", "score"], args.quiet)
     print(f"wrote {result.out}/generalized_ships.csv")
@@ -79,6 +85,11 @@ def _add_rank_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--center", action="store_true", help="subtract the mean hidden state before the SVD")
 
 
+def _add_mode_args(p: argparse.ArgumentParser) -> None:
+    from .cmd_screen import add_mode_args
+    add_mode_args(p)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("ships", help="Ships: per-prompt KL between clean and head-ablated next-token distributions",
                               description="For every prompt and head, KL(p_clean || p_ablated) at the last prompt "
@@ -90,6 +101,7 @@ def register(subparsers) -> None:
     p.add_argument("--with-gships", action="store_true",
                    help="also write generalized_ships.csv from the same forward passes (half the cost of two runs)")
     _add_rank_args(p)
+    _add_mode_args(p)
     p.set_defaults(func=cmd_ships)
 
     p = subparsers.add_parser("gships", help="Generalized Ships: dataset-level head ranking by principal angles",
@@ -98,6 +110,7 @@ def register(subparsers) -> None:
                                           "generalized_ships.csv.")
     _add_common(p)
     _add_rank_args(p)
+    _add_mode_args(p)
     p.set_defaults(func=cmd_gships)
 
     p = subparsers.add_parser("sahara", help="Sahara: greedy search for the most important head group",

@@ -22,6 +22,33 @@ def cmd_screen(args) -> int:
     return 0
 
 
+MODES = ("exact", "screen", "auto")
+
+
+def add_mode_args(parser) -> None:
+    """`--mode exact|screen|auto` (+ --top-k, --probes) for `ships` / `gships`."""
+    g = parser.add_argument_group("fast screening")
+    g.add_argument("--mode", default="exact", metavar="|".join(MODES),
+                   help="exact: one forward pass per head (default); screen: gradient estimates only (screen.csv); "
+                        "auto: screen, then exact scores for the top K heads")
+    g.add_argument("--top-k", type=int, default=40, metavar="K", help="heads scored exactly with --mode auto (default 40)")
+    g.add_argument("--probes", type=int, default=3, metavar="N",
+                   help="ships screening: Fisher eigen-directions backpropagated, one backward pass each (default 3)")
+
+
+def screen_instead(args, target: str) -> int | None:
+    """For `ships`/`gships --mode screen|auto`: run the screen and return the exit code; None for exact."""
+    from ..errors import UsageError
+    mode = getattr(args, "mode", "exact")
+    if mode == "exact":
+        return None
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    args.target = target
+    args.batch_size = getattr(args, "batch_size", 8)
+    return cmd_screen(args)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "screen", help="fast gradient estimate of every head's Ships / Generalized Ships (optionally verified exactly)",
