@@ -462,7 +462,9 @@ class MeanRecorder:
 @contextmanager
 def ablated(model: nn.Module, heads: Sequence[Head], method: str, epsilon: float = 1e-5) -> Iterator[HeadAblator]:
     """Run `model` with `heads` ablated by `method` for every example of every forward pass in the
-    block, including `model.generate()` with a KV cache (prompt and generated tokens alike)."""
+    block, including `model.generate()` with a KV cache (prompt and generated tokens alike).
+    `mean` takes each head's mean output from the first forward pass in the block (the prompt pass
+    of `generate`: the batch's prompts, real positions) and keeps it for the following steps."""
     check_method(method)
     if method in ("undifferentiated", "scaling"):
         check_epsilon(epsilon)
