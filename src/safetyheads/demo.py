@@ -1,7 +1,11 @@
 """The whole method end to end on one model: the README's main command (`safetyheads demo`).
 
 1. Generalized Ships of every head, for both ablations (Undifferentiated Attention and Scaling
-   Contribution), on JailbreakBench and MaliciousInstruct.
+   Contribution), on JailbreakBench and MaliciousInstruct. Exact scores for all heads cost one
+   forward pass per head (336 for this model); on 2 CPU cores that is far beyond 15 minutes, so the
+   default demo screens all heads from gradients (`screen.py`) and scores the screen's top K
+   exactly (`--mode auto`); the figure colours those K heads and greys the rest. `full=True`
+   scores every head exactly.
 2. The paper's figure from those four runs.
 3. The proof: generate answers with the top-1 and top-3 heads (JailbreakBench ranking, each method)
    ablated, judge them, and compare the attack success rate and helpfulness with the clean model.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -30,25 +35,29 @@ DEMO_METHODS = ("undifferentiated", "scaling")
 class DemoSizes:
     """How much of the method the demo runs; printed before it starts and kept in each manifest."""
 
-    gships_prompts: int | None = 12     # prompts per dataset for Generalized Ships (None = all)
-    eval_prompts: int | None = 24       # prompts per dataset for the ASR evaluation (None = all)
-    harmless_prompts: int | None = 24   # built-in harmless prompts for the helpfulness checks
-    max_new_tokens: int = 48
+    gships_prompts: int | None = 8      # prompts per dataset for Generalized Ships (None = all)
+    exact_top_k: int | None = 16        # heads scored exactly after screening (None = every head, exactly)
+    eval_prompts: int | None = 16       # prompts per dataset for the ASR evaluation (None = all)
+    harmless_prompts: int | None = 16   # built-in harmless prompts for the helpfulness checks
+    max_new_tokens: int = 32
     top: tuple[int, ...] = (1, 3)       # ablate the top-1 and the top-3 heads
 
     @classmethod
     def full(cls) -> "DemoSizes":
-        return cls(gships_prompts=None, eval_prompts=None, harmless_prompts=None, max_new_tokens=128)
+        return cls(gships_prompts=None, exact_top_k=None, eval_prompts=None, harmless_prompts=None,
+                   max_new_tokens=128)
 
 
 def _fmt(n: int | None) -> str:
     return "all" if n is None else str(n)
 
 
-def run_demo(model: str = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "runs/demo", full: bool = False,
+def run_demo(model: Any = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "runs/demo", full: bool = False,
              sizes: DemoSizes | None = None, device: str = "auto", dtype: str = "float32",
              data_dir: str | None = None, quiet: bool = False, log=print) -> dict:
-    """Run the demo; returns a dict with the run folders, the top heads, the ASR table and timings."""
+    """Run the demo; returns a dict with the run folders, the top heads, the ASR table and timings.
+
+    `model` is a model spec (see `models.load_model`) or an already loaded `LoadedModel`."""
     from .analyses import run_gships
     from .config import DataConfig
     from .data import load_prompts
@@ -56,6 +65,7 @@ def run_demo(model: str = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "r
     from .models import load_model
     from .plots import paper_figure
     from .report import build_report
+    from .screen import run_screen
 
     sizes = sizes or (DemoSizes.full() if full else DemoSizes())
     root = Path(out)
@@ -63,7 +73,10 @@ def run_demo(model: str = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "r
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
-    log(f"safetyheads demo: model {model}; Generalized Ships on {_fmt(sizes.gships_prompts)} prompts per dataset, "
+    scoring = ("every head exactly" if sizes.exact_top_k is None
+               else f"all heads screened, the top {sizes.exact_top_k} exactly")
+    log(f"safetyheads demo: model {getattr(model, 'spec', model)}; Generalized Ships ({scoring}) on {_fmt(sizes.gships_prompts)} "
+        "prompts per dataset, "
         f"ASR on {_fmt(sizes.eval_prompts)} prompts per dataset with {sizes.max_new_tokens} new tokens, "
         f"helpfulness on {_fmt(sizes.harmless_prompts)} harmless prompts"
         + ("" if full else "  (use --full for the paper-scale run)"))
@@ -76,7 +89,7 @@ def run_demo(model: str = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "r
                                    "first, then downloads them)") from exc
 
     t = time.perf_counter()
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype) if isinstance(model, (str, Path)) else model
     timings["load model"] = time.perf_counter() - t
 
     score_runs: dict[tuple[str, str], Path] = {}
@@ -85,7 +98,11 @@ def run_demo(model: str = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "r
             run_dir = root / f"gships-{ds}-{method}"
             t = time.perf_counter()
             data = DataConfig(dataset=ds, limit=sizes.gships_prompts, data_dir=data_dir)
-            run_gships(loaded, data, "chat", out=run_dir, method=method, resume=True, quiet=quiet)
+            if sizes.exact_top_k is None:
+                run_gships(loaded, data, "chat", out=run_dir, method=method, resume=True, quiet=quiet)
+            else:
+                run_screen(loaded, data, "chat", out=run_dir, method=method, target="gships", mode="auto",
+                           top_k=sizes.exact_top_k, resume=True, quiet=quiet)
             timings[f"gships {ds} {method}"] = time.perf_counter() - t
             score_runs[(ds, method)] = run_dir
 
