@@ -18,6 +18,15 @@ from safetyheads.prompts import encode, format_prompts
 LAYERS = (0, 29)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: several times faster on the shared, busy 2-core CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _encoded(loaded, n: int, fmt: str = "paper"):
     ps = load_prompts("maliciousinstruct", limit=n)
     return encode(loaded.tokenizer, format_prompts(loaded.tokenizer, list(ps.prompts), fmt))
@@ -37,7 +46,7 @@ def test_small_perturbation_matches_exact(smollm2):
     second-order KL restricted to the probed Fisher directions track the exact values."""
     model, enc = smollm2.model, _encoded(smollm2, 3)
     heads = [(layer, h) for layer in LAYERS for h in range(9)]
-    res = S.screen(model, enc, "scaling", 0.97, probes=24, full_subspace=True, progress=False)
+    res = S.screen(model, enc, "scaling", 0.97, probes=8, full_subspace=True, progress=False)
     kl, angle = _exact(model, enc, heads, "scaling", 0.97)
     est_angle = np.array([float(res.gships[a, b]) for a, b in heads])
     rel = np.abs(est_angle - angle) / angle
