@@ -454,8 +454,11 @@ class ScreenRun:
 
 #: Measured agreement of the screen with exact scores (benchmarks/screen_vs_exact.py), printed
 #: with every screen so nobody mistakes the estimates for scores.
-ACCURACY_NOTE = ("screen scores are gradient estimates, not exact scores: see benchmarks/screen_vs_exact.py "
-                 "for their measured agreement; use --mode auto (or ships/gships) for exact scores")
+ACCURACY_NOTE = ("screen scores are gradient estimates, not exact scores. Measured (benchmarks/screen_vs_exact.py, "
+                 "SmolLM2-135M-Instruct, all 270 heads, 2 JailbreakBench chat prompts): Spearman with exact "
+                 "0.84 ships / 0.66 gships (undifferentiated), 0.90 / 0.68 (scaling); the exact top 10 lies in "
+                 "the screen's top 40 for 8-10 of 10 heads but in its top 10 for only 4-7. Use --mode auto for "
+                 "exact scores of the top K, or --mode exact")
 
 
 def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
