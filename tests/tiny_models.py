@@ -29,7 +29,9 @@ CASE_IDS = [f"{arch}-{'gqa' if gqa else 'mha'}" for arch, gqa in CASES]
 Q_NORM_ARCHS = ("qwen3", "gemma3_text", "olmo2")
 
 
-def tiny_config(arch: str, gqa: bool = False):
+def tiny_config(arch: str, gqa: bool = False, window: int | None = None):
+    """`window`: sliding-window size of the archs that have one (default WINDOW, shorter than the test prompts)."""
+    sliding = window or WINDOW
     kv = HEADS // 2 if gqa else HEADS
     common = dict(
         vocab_size=VOCAB,
@@ -48,21 +50,21 @@ def tiny_config(arch: str, gqa: bool = False):
         return AutoConfig.for_model(arch, **common, rotary_pct=0.5, use_parallel_residual=True)
     common.update(num_key_value_heads=kv, head_dim=HEAD_DIM)
     if arch == "mistral":
-        return AutoConfig.for_model(arch, **common, sliding_window=WINDOW)
+        return AutoConfig.for_model(arch, **common, sliding_window=sliding)
     if arch == "qwen2":
         return AutoConfig.for_model(
-            arch, **common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2, layer_types=None
+            arch, **common, use_sliding_window=True, sliding_window=sliding, max_window_layers=2, layer_types=None
         )
     if arch == "qwen3":
-        return AutoConfig.for_model(arch, **common, use_sliding_window=True, sliding_window=WINDOW, layer_types=alternating)
+        return AutoConfig.for_model(arch, **common, use_sliding_window=True, sliding_window=sliding, layer_types=alternating)
     if arch == "gemma2":
         return AutoConfig.for_model(
-            arch, **common, sliding_window=WINDOW, layer_types=alternating,
+            arch, **common, sliding_window=sliding, layer_types=alternating,
             attn_logit_softcapping=2.0, final_logit_softcapping=5.0, query_pre_attn_scalar=HEAD_DIM,
         )
     if arch == "gemma3_text":
         return AutoConfig.for_model(
-            arch, **common, sliding_window=WINDOW, layer_types=alternating, query_pre_attn_scalar=HEAD_DIM,
+            arch, **common, sliding_window=sliding, layer_types=alternating, query_pre_attn_scalar=HEAD_DIM,
         )
     if arch == "phi3":
         common.pop("head_dim")
@@ -85,9 +87,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def tiny_model(arch: str, gqa: bool = False, attn: str | None = None, seed: int = 0):
+def tiny_model(arch: str, gqa: bool = False, attn: str | None = None, seed: int = 0, window: int | None = None):
     """float32, eval mode; `attn` defaults to sdpa (eager for Gemma 2, whose soft-capping sdpa lacks)."""
-    config = tiny_config(arch, gqa)
+    config = tiny_config(arch, gqa, window)
     attn = attn or ("eager" if arch == "gemma2" else "sdpa")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)

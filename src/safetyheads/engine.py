@@ -11,10 +11,19 @@ chunk of configurations is replayed in ONE pass over the layers whose batch grow
 rows of the configurations that start there join the batch (each config × each prompt of the
 length group is one row, with its own factors in the `HeadAblator` table). After the last layer
 only the last position goes through the final norm and the LM head.
+
+Shared prefix: chat templates put the same tokens (system message, user header) in front of every
+prompt, e.g. 24 of Qwen2.5's ~44 tokens. Under an ablation those positions are the same for every
+prompt (causal attention: they never see the prompt's own tokens), so each configuration replays
+the shared prefix ONCE (one row, not one per prompt) and keeps that row's keys/values; the prompts'
+own tokens are then replayed against them through the model's KV-cache interface
+(`past_key_values.update`), with the masks and positions the model itself computed for that case
+in the clean pass.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -22,6 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
 
 from . import ablation
 from .ablation import Head, HeadAblator, MeanRecorder
@@ -49,7 +59,7 @@ class _Group:
     inputs: list[torch.Tensor]  # per layer: [n, T, D] the layer's clean input hidden states
     args: list[tuple]  # per layer: positional args after hidden_states
     kwargs: list[dict]  # per layer: keyword args exactly as the model passed them
-    clean_logits: torch.Tensor  # [n, V] float32, last position
+    clean_logits: torch.Tensor | None  # [n, V] float32, last position (None for the shared prefix)
 
     @property
     def length(self) -> int:
@@ -67,7 +77,12 @@ class CleanCache:
     head_means: torch.Tensor  # [L, H, head_dim] float32, mean head outputs over prompts and positions
     n_layers: int
     n_heads: int
+    prefix: _Group | None = None  # the shared prefix's clean pass (one row); groups then hold only the rest
     extra: dict = field(default_factory=dict)
+
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix.length if self.prefix is not None else 0
 
     @property
     def n_prompts(self) -> int:
@@ -102,10 +117,74 @@ def _logits(model: nn.Module, last_hidden: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+MIN_SHARED_PREFIX = 4  # shorter common prefixes are not worth a second code path
+
+
+class _CacheSlot:
+    """Placeholder for the model's KV cache in recorded layer arguments (the clean pass's cache
+    holds every prompt's keys/values; a replay substitutes its own `_PrefixKV`)."""
+
+
+_CACHE = _CacheSlot()
+
+
+def _strip_cache(obj: Any) -> Any:
+    if isinstance(obj, Cache):
+        return _CACHE
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_strip_cache(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _strip_cache(v) for k, v in obj.items()}
+    return obj
+
+
+def _with_cache(obj: Any, kv: Any) -> Any:
+    if obj is _CACHE:
+        return kv
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_with_cache(x, kv) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _with_cache(v, kv) for k, v in obj.items()}
+    return obj
+
+
+def shared_prefix_length(model: nn.Module, tokens: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares and the sweep can replay once per configuration
+    (0 when it cannot). Each prompt keeps at least one token of its own (its last position is what
+    is scored). Off for a single prompt, for attention kernels other than sdpa/eager (flash
+    kernels align a short query to the keys differently) and when a sliding window could cut the
+    prefix off (the replayed cache keeps every key)."""
+    if len(tokens) < 2:
+        return 0
+    config = ablation.text_config(model)
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return 0
+    window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+    longest = max(len(t) for t in tokens)
+    if window and int(window) < longest:
+        return 0
+    first, limit = tokens[0], min(len(t) for t in tokens) - 1
+    n = 0
+    while n < limit and all(t[n] == first[n] for t in tokens):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _cache_kwarg(backbone: nn.Module) -> str:
+    """The name a model's forward takes its KV cache under (transformers 5 is renaming
+    `past_key_values` to `cache`, model by model)."""
+    params = inspect.signature(backbone.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
-def prepare(model: nn.Module, encoded: Any) -> CleanCache:
+def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> CleanCache:
     """One clean forward over the prompts (grouped by length, unpadded), recording every decoder
-    layer's inputs, the clean last-position log-probs and final-norm hidden states."""
+    layer's inputs, the clean last-position log-probs and final-norm hidden states.
+
+    With `share_prefix` (default) and a common prefix of at least MIN_SHARED_PREFIX tokens, the
+    prefix is recorded once and each group's record covers only its prompts' own tokens (run
+    against the prefix's KV cache), which is what `sweep` replays."""
     ablation.check_supported(model)
     input_ids = _field(encoded, "input_ids")  # [P, T] left padded
     mask = _field(encoded, "attention_mask")  # [P, T]
@@ -120,46 +199,63 @@ def prepare(model: nn.Module, encoded: Any) -> CleanCache:
         by_length.setdefault(int(n), []).append(p)
     # mini-batches of at most MAX_GROUP prompts bound the clean pass's memory
     batches = [(n, ps[i:i + MAX_GROUP]) for n, ps in sorted(by_length.items()) for i in range(0, len(ps), MAX_GROUP)]
+    tokens = [input_ids[p, input_ids.shape[1] - int(n):].tolist() for p, n in enumerate(lengths)]
+    S = shared_prefix_length(model, tokens) if share_prefix else 0
 
     layers = ablation.decoder_layers(model)
     norm = ablation.final_norm(model)
     backbone = ablation.decoder_backbone(model)
     n_layers, n_heads = ablation.num_layers_heads(model)
     record: dict[int, tuple] = {}
+    recording = [True]
 
     def pre_hook(i):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            record[i] = (hidden.detach(), _detach(tuple(args[1:])), _detach(kw))
+            if recording[0]:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                record[i] = (hidden.detach(), _strip_cache(_detach(tuple(args[1:]))), _strip_cache(_detach(kw)))
 
         return hook
+
+    def recorded(prompts: list[int], logits: torch.Tensor | None) -> _Group:
+        return _Group(prompts=prompts, inputs=[record[i][0] for i in range(n_layers)],
+                      args=[record[i][1] for i in range(n_layers)], kwargs=[record[i][2] for i in range(n_layers)],
+                      clean_logits=logits)
 
     last_normed: list[torch.Tensor] = []
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(norm.register_forward_hook(lambda m, a, out: last_normed.append(out[:, -1].detach())))
     groups: list[_Group] = []
+    prefix: _Group | None = None
     P = input_ids.shape[0]
     clean_logprobs: torch.Tensor | None = None
     clean_hidden: torch.Tensor | None = None
     try:
-        with MeanRecorder(model) as recorder:
+        if S:
+            # the replay's record of the shared prefix: one row, its own (square, causal) masks
+            record.clear()
+            backbone(input_ids=torch.tensor([tokens[0][:S]], device=device), use_cache=True)
+            prefix = recorded([], None)
+        with MeanRecorder(model) as recorder:  # head means over every position of every prompt
             for n, prompts in batches:
                 ids = input_ids[prompts][:, -n:].to(device)  # left padding: the real tokens are the last n
                 record.clear()
                 last_normed.clear()
-                backbone(input_ids=ids, use_cache=False)  # the LM head runs below, at the last position only
+                if S:
+                    recording[0] = False
+                    out = backbone(input_ids=ids[:, :S], use_cache=True)
+                    past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                    recording[0] = True
+                    # the prompts' own tokens against the prefix's cache: the masks and positions
+                    # recorded here are the model's own for a short query after S cached keys
+                    backbone(input_ids=ids[:, S:], use_cache=True, **{_cache_kwarg(backbone): past})
+                    del past
+                else:
+                    backbone(input_ids=ids, use_cache=False)  # the LM head runs below, at the last position only
                 hidden = last_normed[-1]  # [n, D]
                 logits = _logits(model, hidden)
-                groups.append(
-                    _Group(
-                        prompts=prompts,
-                        inputs=[record[i][0] for i in range(n_layers)],
-                        args=[record[i][1] for i in range(n_layers)],
-                        kwargs=[record[i][2] for i in range(n_layers)],
-                        clean_logits=logits,
-                    )
-                )
+                groups.append(recorded(prompts, logits))
                 if clean_logprobs is None:
                     clean_logprobs = torch.empty(P, logits.shape[-1], dtype=torch.float32)
                     clean_hidden = torch.empty(P, hidden.shape[-1], dtype=torch.float32)
@@ -169,7 +265,7 @@ def prepare(model: nn.Module, encoded: Any) -> CleanCache:
     finally:
         for h in handles:
             h.remove()
-    return CleanCache(model, groups, clean_logprobs, clean_hidden, means, n_layers, n_heads)
+    return CleanCache(model, groups, clean_logprobs, clean_hidden, means, n_layers, n_heads, prefix=prefix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,13 +291,46 @@ def _start_layer(heads: Sequence[Head], n_layers: int) -> int:
     return min((int(layer) for layer, _ in heads), default=n_layers)
 
 
+class _PrefixKV:
+    """Stands in for the model's KV cache during a replay (attention layers call its `update`).
+
+    Prefix stage (`prompts is None`): keeps each layer's keys/values of the configurations' prefix
+    rows ([configs joined so far, kv_heads, S, head_dim]) and returns them unchanged. Suffix stage:
+    rows are config-major (config c, prompt p -> c*prompts + p) over the configurations
+    `first, first+1, ...`; each row gets its configuration's prefix keys/values in front of its own."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.prompts: int | None = None
+        self.first = 0
+
+    def for_prompts(self, prompts: int, first: int) -> "_PrefixKV":
+        view = _PrefixKV()
+        view.keys, view.values, view.prompts, view.first = self.keys, self.values, prompts, first
+        return view
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key, value: [rows, kv_heads, q_len, head_dim]
+        if self.prompts is None:
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+            return key, value
+        configs = key.shape[0] // self.prompts
+        pick = slice(self.first, self.first + configs)
+        pk = self.keys[layer_idx][pick].repeat_interleave(self.prompts, dim=0)  # [rows, kv_heads, S, head_dim]
+        pv = self.values[layer_idx][pick].repeat_interleave(self.prompts, dim=0)
+        return torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)
+
+
 def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], starts: list[int],
-            method: str, epsilon: float) -> torch.Tensor:
+            method: str, epsilon: float, kv: _PrefixKV | None = None) -> torch.Tensor | None:
     """Run `configs` (sorted by start layer) over the group's prompts; -> [C*n, D] final-norm
-    hidden states at the last position, rows config-major."""
+    hidden states at the last position, rows config-major. `group` may be the shared prefix
+    (`kv` then collects its keys/values and nothing is returned) or a group of prompts whose
+    prefix is in `kv`."""
     model = cache.model
     layers = ablation.decoder_layers(model)
-    n = len(group.prompts)
+    n = max(1, len(group.prompts))  # the prefix record has one row
     ablator = HeadAblator.from_configs(model, configs, method, epsilon, repeat=n,
                                        mean_values=cache.head_means if method == "mean" else None)
     hidden: torch.Tensor | None = None  # [rows, T, D]
@@ -218,8 +347,12 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
                 joined += k
             rows = hidden.shape[0]
             ablator.batch_rows = rows
-            out = layers[layer](hidden, *_expand(group.args[layer], n, rows), **_expand(group.kwargs[layer], n, rows))
+            args = _with_cache(_expand(group.args[layer], n, rows), kv)
+            kwargs = _with_cache(_expand(group.kwargs[layer], n, rows), kv)
+            out = layers[layer](hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if group.clean_logits is None:
+        return None
     return ablation.final_norm(model)(hidden[:, -1:])[:, 0]  # [rows, D]
 
 
@@ -227,12 +360,13 @@ def _default_batch_size(cache: CleanCache) -> int:
     """Rows (config x prompt) per chunk: from free memory on CUDA; on CPU enough rows for efficient
     matrix products without holding gigabytes of activations."""
     config = ablation.text_config(cache.model)
-    T = max(g.length for g in cache.groups)
+    T = max(g.length for g in cache.groups)  # tokens replayed per row (after a shared prefix)
+    K = T + cache.prefix_length  # keys each of them attends to
     D = int(config.hidden_size)
     inter = int(getattr(config, "intermediate_size", 4 * D) or 4 * D)
     V = cache.clean_logprobs.shape[-1]
     itemsize = next(cache.model.parameters()).element_size()
-    per_row = itemsize * T * (8 * D + 3 * inter + 2 * cache.n_heads * T) + 4 * 8 * V  # activations + KL in float64
+    per_row = itemsize * T * (8 * D + 3 * inter + 2 * cache.n_heads * K) + 4 * 8 * V  # activations + KL in float64
     device = _model_device(cache.model)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -244,6 +378,19 @@ def _default_batch_size(cache: CleanCache) -> int:
         avail = 4 << 30
     budget = min(2 << 30, 0.25 * avail)
     return max(1, min(int(budget // per_row), max(1, 8192 // T)))
+
+
+def _prefix_block_limit(cache: CleanCache) -> int:
+    """Configurations per block, bounded so their prefix keys/values stay within about 1 GiB."""
+    if cache.prefix is None:
+        return 1 << 30
+    config = ablation.text_config(cache.model)
+    n_heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // n_heads)
+    itemsize = next(cache.model.parameters()).element_size()
+    per_config = 2 * cache.n_layers * cache.prefix_length * kv_heads * head_dim * itemsize  # keys + values
+    return max(1, (1 << 30) // per_config)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -284,38 +431,52 @@ def sweep(
         raise UsageError(f"batch size must be positive, got {batch_size}")
     bar = tqdm(total=C * P, unit="abl", desc=f"sweep {method}", disable=not progress, dynamic_ncols=True)
     bar.update((C - len(order)) * P)  # empty configs are the clean model: KL 0, clean hidden
-    for group in cache.groups:
-        n = len(group.prompts)
-        clean_lp = torch.log_softmax(group.clean_logits.double(), -1)  # [n, V] float64
-        pos = 0
-        while pos < len(order):
-            per_chunk = max(1, rows_max // n)
-            chunk = order[pos:pos + per_chunk]
-            try:
-                last = _replay(cache, group, [configs[i] for i in chunk], [starts_all[i] for i in chunk], method, epsilon)
-                logits = _logits(cache.model, last) if (kl is not None or logprobs is not None) else None
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc) or per_chunk == 1:
-                    raise
-                rows_max = max(n, (per_chunk // 2) * n)  # halve and retry this chunk
-                if _model_device(cache.model).type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            index = torch.tensor(chunk)
-            prompts = torch.tensor(group.prompts)
-            if hidden is not None:
-                hidden[index[:, None], prompts[None, :]] = last.float().cpu().view(len(chunk), n, D)
-            if logits is not None:
-                lp = torch.log_softmax(logits.double(), -1).view(len(chunk), n, V)  # [k, n, V] float64
-                if kl is not None:
-                    # KL(p || q) = sum p (log p - log q), from log-probs: no underflow, no 0*log0.
-                    value = (clean_lp.exp() * (clean_lp - lp)).sum(-1).clamp_min(0.0)  # [k, n]
-                    kl[index[:, None], prompts[None, :]] = value.cpu()
-                if logprobs is not None:
-                    logprobs[index[:, None], prompts[None, :]] = lp.float().cpu()
-                del lp
-            pos += len(chunk)
-            bar.update(len(chunk) * n)
+    clean_lps = [torch.log_softmax(g.clean_logits.double(), -1) for g in cache.groups]  # [n, V] float64 each
+    outer = 0
+    while outer < len(order):
+        # One block of configurations: its shared prefix is replayed once (one row per config),
+        # then every group of prompts replays its own tokens in chunks of at most rows_max rows.
+        block = order[outer:outer + max(1, min(rows_max, _prefix_block_limit(cache)))]
+        try:
+            kv = None
+            if cache.prefix is not None:
+                kv = _PrefixKV()
+                _replay(cache, cache.prefix, [configs[i] for i in block], [starts_all[i] for i in block],
+                        method, epsilon, kv)
+            for group, clean_lp in zip(cache.groups, clean_lps):
+                n = len(group.prompts)
+                per_chunk = max(1, rows_max // n)
+                prompts = torch.tensor(group.prompts)
+                for pos in range(0, len(block), per_chunk):
+                    chunk = block[pos:pos + per_chunk]
+                    last = _replay(cache, group, [configs[i] for i in chunk], [starts_all[i] for i in chunk],
+                                   method, epsilon, kv.for_prompts(n, pos) if kv is not None else None)
+                    logits = _logits(cache.model, last) if (kl is not None or logprobs is not None) else None
+                    index = torch.tensor(chunk)
+                    if hidden is not None:
+                        hidden[index[:, None], prompts[None, :]] = last.float().cpu().view(len(chunk), n, D)
+                    if logits is not None:
+                        lp = torch.log_softmax(logits.double(), -1).view(len(chunk), n, V)  # [k, n, V] float64
+                        if kl is not None:
+                            # KL(p || q) = sum p (log p - log q), from log-probs: no underflow, no 0*log0.
+                            value = (clean_lp.exp() * (clean_lp - lp)).sum(-1).clamp_min(0.0)  # [k, n]
+                            kl[index[:, None], prompts[None, :]] = value.cpu()
+                        if logprobs is not None:
+                            logprobs[index[:, None], prompts[None, :]] = lp.float().cpu()
+                        del lp
+                    bar.update(len(chunk) * n)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc) or rows_max == 1:
+                raise
+            # halve and redo the whole block (its finished chunks are simply overwritten)
+            rows_max = max(1, rows_max // 2)
+            del kv
+            if _model_device(cache.model).type == "cuda":
+                torch.cuda.empty_cache()
+            bar.reset(total=C * P)
+            bar.update((C - len(order)) * P + outer * P)
+            continue
+        outer += len(block)
     bar.close()
     cache.extra.setdefault("batch_sizes", []).append(rows_max)  # [scale-out] for the run manifest
     return SweepResult(cache.clean_logprobs, cache.clean_hidden, kl, hidden, logprobs, rows_max)
