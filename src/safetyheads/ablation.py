@@ -434,6 +434,7 @@ class MeanRecorder:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.weight = 1.0  # how many prompts each recorded row stands for (a shared prefix: all of them)
         self._sum: dict[int, torch.Tensor] = {}
         self._count: dict[int, float] = {}
 
@@ -449,8 +450,8 @@ class MeanRecorder:
         out, weights = fn(module, query, key, value, *args, **kwargs)  # [B, q, H, hd]
         real = _real_query_rows(args[0] if args else kwargs.get("attention_mask"), out.shape[0], out.shape[1], out.device)
         total = out.float().masked_fill(~real[:, :, None, None], 0).sum((0, 1)).detach()  # [H, hd]
-        self._sum[layer] = self._sum.get(layer, 0) + total
-        self._count[layer] = self._count.get(layer, 0.0) + float(real.sum())
+        self._sum[layer] = self._sum.get(layer, 0) + self.weight * total
+        self._count[layer] = self._count.get(layer, 0.0) + self.weight * float(real.sum())
         return out, weights
 
     def means(self) -> torch.Tensor:

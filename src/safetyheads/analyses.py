@@ -152,6 +152,8 @@ def _resolve(command: str, model: Any, data: Any, prompt: Any, *, method: str, e
     config = {
         "model": getattr(loaded, "spec", None),
         "weights_sha256": getattr(loaded, "weights_sha256", None),
+        # bf16 and float32 scores differ beyond float noise: a resume must not mix their chunks
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "dataset": prompt_set.name,
         "data": {"source": str(prompt_set.source), "sha256": prompt_set.sha256,
                  "n_prompts": len(prompt_set.prompts), "ids": [int(i) for i in prompt_set.ids],

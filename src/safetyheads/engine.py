@@ -23,6 +23,7 @@ in the clean pass.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -207,14 +208,12 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> Cle
     backbone = ablation.decoder_backbone(model)
     n_layers, n_heads = ablation.num_layers_heads(model)
     record: dict[int, tuple] = {}
-    recording = [True]
 
     def pre_hook(i):
         def hook(module, args, kwargs):
-            if recording[0]:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                record[i] = (hidden.detach(), _strip_cache(_detach(tuple(args[1:]))), _strip_cache(_detach(kw)))
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            record[i] = (hidden.detach(), _strip_cache(_detach(tuple(args[1:]))), _strip_cache(_detach(kw)))
 
         return hook
 
@@ -232,21 +231,24 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> Cle
     clean_logprobs: torch.Tensor | None = None
     clean_hidden: torch.Tensor | None = None
     try:
-        if S:
-            # the replay's record of the shared prefix: one row, its own (square, causal) masks
-            record.clear()
-            backbone(input_ids=torch.tensor([tokens[0][:S]], device=device), use_cache=True)
-            prefix = recorded([], None)
         with MeanRecorder(model) as recorder:  # head means over every position of every prompt
+            prefix_cache = None
+            if S:
+                # the shared prefix, once: the replay's record of it (one row, square causal masks)
+                # and the KV cache every group's own tokens are run against
+                record.clear()
+                recorder.weight = P  # its positions stand for the first S positions of all P prompts
+                out = backbone(input_ids=torch.tensor([tokens[0][:S]], device=device), use_cache=True)
+                recorder.weight = 1.0
+                prefix_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                prefix = recorded([], None)
             for n, prompts in batches:
                 ids = input_ids[prompts][:, -n:].to(device)  # left padding: the real tokens are the last n
                 record.clear()
                 last_normed.clear()
                 if S:
-                    recording[0] = False
-                    out = backbone(input_ids=ids[:, :S], use_cache=True)
-                    past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-                    recording[0] = True
+                    past = copy.deepcopy(prefix_cache)
+                    past.batch_repeat_interleave(len(prompts))
                     # the prompts' own tokens against the prefix's cache: the masks and positions
                     # recorded here are the model's own for a short query after S cached keys
                     backbone(input_ids=ids[:, S:], use_cache=True, **{_cache_kwarg(backbone): past})

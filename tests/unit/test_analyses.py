@@ -68,6 +68,7 @@ def test_ships_scores_files_and_values(loaded, prompts, tmp_path):
     assert len(summary) == N_LAYERS * N_HEADS
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert "ships" in json.dumps(manifest)
+    assert manifest["config"]["dtype"] == "float32"  # part of the run's identity: no bf16/fp32 mix on resume
 
     texts = format_prompts(loaded.tokenizer, PROMPTS, "chat")
     clean, _ = _reference_last(loaded, texts)

@@ -17,18 +17,9 @@ import pytest
 import torch
 
 from safetyheads import distributed as D
+from tiny_models import one_thread  # noqa: F401  (autouse: tiny matrices run on one thread)
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: a second thread only adds synchronisation, which costs seconds per test when
-    the CPU is shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -15,18 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from safetyheads import engine
 from safetyheads.prompts import Encoded
+from tiny_models import one_thread  # noqa: F401  (autouse: tiny matrices run on one thread)
 
 N_LAYERS, N_HEADS, N_PROMPTS = 3, 4, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: a second thread only adds synchronisation, which costs seconds per test when
-    the CPU is shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
