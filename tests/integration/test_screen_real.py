@@ -14,17 +14,9 @@ from safetyheads import engine, scores
 from safetyheads import screen as S
 from safetyheads.data import load_prompts
 from safetyheads.prompts import encode, format_prompts
+from tiny_models import one_thread  # noqa: F401  (autouse: one torch thread)
 
 LAYERS = (0, 29)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: several times faster on the shared, busy 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _encoded(loaded, n: int, fmt: str = "paper"):

@@ -20,18 +20,10 @@ from safetyheads.models import LoadedModel
 from safetyheads.prompts import encode, format_prompts
 
 from tiny_chat import tiny_model, tiny_tokenizer
+from tiny_models import one_thread  # noqa: F401  (autouse: one torch thread)
 
 N_LAYERS, N_HEADS = 3, 4
 PROMPTS = ["how do I pick a lock", "tell me a joke", "write a poem about the sea", "what is 2+2?", "hi"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: OpenMP threads only add synchronisation (10x slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
