@@ -209,6 +209,36 @@ def _section_sahara(page: _Page, scores: list[ScoresRun]) -> str:
     return page.plot(fig, "sahara-steps", height=360) + "".join(parts)
 
 
+def _section_screen(page: _Page, scores: list[ScoresRun], grouped: dict[str, dict[str, ScoresRun]], top: int) -> str:
+    """Gradient screening estimates (screen.csv), with their agreement with exact Generalized Ships
+    where the report also has an exact run for the same dataset and method."""
+    from scipy.stats import spearmanr
+
+    runs = [r for r in _paper_order(scores) if r.screen is not None and len(r.screen)]
+    parts = ["<p class='small'>First-order (Generalized Ships) or Fisher (Ships) estimates from a few backward "
+             "passes; they rank heads for an exact check and are not scores themselves.</p>"]
+    for run in runs:
+        est = run.screen.sort_values("rank", kind="stable")
+        best = est.head(top)
+        table = pd.DataFrame({"rank": best["rank"].astype(int).to_numpy(),
+                              "head": [f"{l}-{h}" for l, h in zip(best["layer"], best["head"])],
+                              "estimate": best["score"].to_numpy()})
+        agreement = ""
+        exact = grouped.get(run.dataset, {}).get(run.method)
+        if run.screen_target == "gships" and exact is not None and exact.gships is not None and exact.path != run.path:
+            both = est.merge(exact.gships, on=["layer", "head"], suffixes=("_screen", "_exact"))
+            if len(both) >= 3:
+                rho = spearmanr(both["score_screen"], both["score_exact"]).statistic
+                top_exact = {(a, b) for a, b in exact.top(top)[["layer", "head"]].itertuples(index=False)}
+                top_screen = {(a, b) for a, b in best[["layer", "head"]].itertuples(index=False)}
+                agreement = (f"<p>Against the exact run <code>{_e(exact.path.name)}</code> ({len(both)} heads in both): "
+                             f"Spearman {rho:.3f}; {len(top_exact & top_screen)} of the exact top {top} are in the "
+                             f"screen's top {top}.</p>")
+        label = f"{dataset_title(run.dataset)}, {method_title(run.method)}: screen of {run.screen_target}"
+        parts.append(f"<h3>{_e(label)}, top {top}</h3>{agreement}{_table(table)}")
+    return "".join(parts)
+
+
 # ---------------------------------------------------------------- evaluation
 # One evaluation folder may hold the baseline and several ablations (rows told apart by their
 # heads/method columns), and several folders may be given: every row gets an "ablation" label.
@@ -529,6 +559,9 @@ def render_report(study: Study, *, top: int = 10, examples: int = 5, title: str 
         ("asr", "Attack success rate, before and after", _section_asr(page, study.evals)),
         ("helpfulness", "Helpfulness", _section_helpfulness(page, study.evals)),
         ("examples", "Example generations", _section_examples(study.evals, examples)),
+        # screening is optional and rare: its section appears only when a run has screen.csv
+        *([("screen", "Screening estimates", _section_screen(page, study.scores, grouped, top))]
+          if any(r.screen is not None and len(r.screen) for r in study.scores) else []),
     ]
     seen, runs = set(), []
     for run in [*study.scores, *study.evals]:

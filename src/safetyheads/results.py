@@ -163,6 +163,12 @@ class ScoresRun:
     gships: pd.DataFrame | None  # layer, head, score, rank
     summary: pd.DataFrame | None  # layer, head, mean, median, top10_count (Ships)
     sahara: pd.DataFrame | None  # step, layer, head, score
+    screen: pd.DataFrame | None = None  # layer, head, score, rank: gradient estimates (screen.csv)
+
+    @property
+    def screen_target(self) -> str:
+        """What the screen estimated: gships or ships (from the manifest)."""
+        return str(manifest_field(self.manifest, "target") or "gships")
 
     def grid(self, column: str = "score") -> np.ndarray:
         """Generalized Ships as a [heads, layers] array (NaN where a head was not scored)."""
@@ -262,7 +268,8 @@ def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
     gships = _read_csv(run / "generalized_ships.csv", ("layer", "head", "score"))
     summary = _read_csv(run / "ships_summary.csv", ("layer", "head"))
     sahara = _read_csv(run / "sahara.csv", ("step", "layer", "head", "score"))
-    if gships is None and summary is None and sahara is None:
+    screen = _read_csv(run / "screen.csv", ("layer", "head", "score"))
+    if gships is None and summary is None and sahara is None and screen is None:
         return []
     model = manifest_field(manifest, "model", keys=_MODEL_KEYS) or "unknown model"
     dataset = normalise_dataset(manifest_field(manifest, "dataset", "data", keys=_DATASET_KEYS))
@@ -270,16 +277,18 @@ def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
     method = str(method)
     by_gships = _split_by_method(gships, method)
     by_summary = _split_by_method(summary, method)
-    methods = list(dict.fromkeys([*by_gships, *by_summary])) or [method]
+    by_screen = _split_by_method(screen, method)
+    methods = list(dict.fromkeys([*by_gships, *by_summary, *by_screen])) or [method]
     out = []
     for m in methods:
         g = _with_rank(by_gships[m]) if m in by_gships else None
         s = by_summary.get(m)
+        sc = _with_rank(by_screen[m]) if m in by_screen else None
         # The size the manifest declares, grown to cover every head in the files (a run limited
         # with --layers still shows the whole model; a manifest without sizes is still drawable).
         n_layers = _int_field(manifest, "n_layers", "num_layers", "num_hidden_layers") or 0
         n_heads = _int_field(manifest, "n_heads", "num_heads", "num_attention_heads") or 0
-        for df in (g, s, sahara):
+        for df in (g, s, sahara, sc):
             if df is not None and len(df):
                 n_layers = max(n_layers, int(df["layer"].max()) + 1)
                 n_heads = max(n_heads, int(df["head"].max()) + 1)
@@ -287,7 +296,7 @@ def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
             ScoresRun(
                 path=run, manifest=manifest, model=str(model), dataset=dataset, method=m,
                 n_layers=n_layers, n_heads=n_heads, gships=g, summary=s,
-                sahara=sahara if m == method or len(methods) == 1 else None,
+                sahara=sahara if m == method or len(methods) == 1 else None, screen=sc,
             )
         )
     return out

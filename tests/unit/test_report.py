@@ -207,3 +207,33 @@ def test_real_run_folders_from_the_scores_commands(tmp_path):
     assert [b["name"] for b in bars] == names
     assert [b["y"][0] for b in bars] == pytest.approx(asr["asr"].astype(float).tolist())
     assert "helpfulness" in _figures(text) and text.count("class='example'") == 2 + 2  # harm + harmless
+
+
+def test_screen_estimates_section_with_agreement(tmp_path):
+    import numpy as np
+
+    from fixtures_runs import _manifest, ranked
+
+    runs = make_study(tmp_path, n_layers=6, n_heads=4)
+    text, _ = render_report(load_study([tmp_path]))
+    assert "Screening estimates" not in text  # no screen.csv: no section
+    _, exact = runs[("jailbreakbench", "undifferentiated")]
+    estimate = exact.copy()
+    estimate[0, 0], estimate[5, 3] = exact.max() + 1.0, exact.min() - 1.0  # one head promoted, one demoted
+    folder = tmp_path / "screen-jbb"
+    folder.mkdir()
+    table = ranked(estimate)
+    table.insert(2, "method", "undifferentiated")
+    table.to_csv(folder / "screen.csv", index=False)
+    (folder / "manifest.json").write_text(json.dumps(_manifest(
+        "tiny-random-llama", "jailbreakbench", "undifferentiated", 6, 4, "screen", target="gships")))
+    text, _ = render_report(load_study([tmp_path]), top=5)
+    assert "Screening estimates" in text and "screen of gships" in text
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(estimate.ravel(), exact.ravel()).statistic
+    order = np.argsort(-exact.ravel(), kind="stable")[:5]
+    overlap = len(set(order) & set(np.argsort(-estimate.ravel(), kind="stable")[:5]))
+    assert f"Spearman {rho:.3f}" in text
+    assert f"{overlap} of the exact top 5 are in the screen's top 5" in text
+    assert "<td>0-0</td>" in text  # the promoted head leads the estimates table
