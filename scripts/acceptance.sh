@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The paper-scale acceptance runs on qwen2.5-coder-0.5b-instruct (chat format, all 336 heads, all 100
+# prompts of JailbreakBench and MaliciousInstruct), each step timed into $RUNS/times.txt:
+#   1. ships + Generalized Ships from the same sweep (`ships --with-gships`), 2 datasets x 2 methods;
+#   2. sahara --group-size 3 (JailbreakBench, each method, candidates: the top 20 of step 1);
+#   3. the figure (docs-style PNG) and the HTML report;
+#   4. evaluate: baseline and the top-1 / top-3 Generalized Ships heads of each method (from the
+#      JailbreakBench runs), greedy, 64 new tokens, both datasets, helpfulness on the harmless set.
+#
+#   scripts/acceptance.sh                       # .venv/bin/safetyheads, runs/acceptance/, any device
+#   LIMIT=8 RUNS=/tmp/acc scripts/acceptance.sh # a quick smoke run on the first 8 prompts
+#   STEPS="scores sahara" scripts/acceptance.sh # only some steps
+#
+# Resumable: rerun after an interruption and every finished chunk is kept (each command gets --resume
+# once its folder exists). On a 2-core CPU step 1 takes about an hour per dataset and method; on one
+# GPU minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SH=${SH:-.venv/bin/safetyheads}
+MODEL=${MODEL:-qwen2.5-coder-0.5b-instruct}
+RUNS=${RUNS:-runs/acceptance}
+STEPS=${STEPS:-scores sahara figure evaluate}
+LIMIT_ARGS=()
+if [[ -n "${LIMIT:-}" ]]; then LIMIT_ARGS=(--limit "$LIMIT"); fi
+if [[ -z "${SAFETYHEADS_DATA_DIR:-}" && -d ../shared/datasets ]]; then export SAFETYHEADS_DATA_DIR="$PWD/../shared/datasets"; fi
+mkdir -p "$RUNS"
+
+step() {  # step NAME FOLDER COMMAND...: run it (with --resume when FOLDER exists), log its wall time
+  local name=$1 folder=$2; shift 2
+  local resume=(); if [[ -f "$folder/manifest.json" ]]; then resume=(--resume); fi
+  local start; start=$(date +%s)
+  "$@" "${resume[@]}" --out "$folder"
+  echo "$name $(( $(date +%s) - start ))s" | tee -a "$RUNS/times.txt"
+}
+
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+COMMON=(--model "$MODEL" --format chat "${LIMIT_ARGS[@]}")
+if has scores; then
+  for dataset in jailbreakbench maliciousinstruct; do
+    for method in undifferentiated scaling; do
+      step "ships+gships $dataset $method" "$RUNS/ships-$dataset-$method" \
+        "$SH" ships "${COMMON[@]}" --dataset "$dataset" --method "$method" --with-gships
+    done
+  done
+fi
+if has sahara; then
+  for method in undifferentiated scaling; do
+    step "sahara jailbreakbench $method" "$RUNS/sahara-jailbreakbench-$method" \
+      "$SH" sahara "${COMMON[@]}" --dataset jailbreakbench --method "$method" --group-size 3 \
+      --candidates top20 --gships-from "$RUNS/ships-jailbreakbench-$method"
+  done
+fi
+if has figure; then
+  "$SH" figure "$RUNS"/ships-* --out "$RUNS/figure.png" --formats png,svg
+  "$SH" report "$RUNS"/ships-* "$RUNS"/sahara-* --out "$RUNS/report.html"
+fi
+if has evaluate; then
+  step "evaluate" "$RUNS/evaluate" \
+    "$SH" evaluate "${COMMON[@]}" --dataset jailbreakbench --dataset maliciousinstruct \
+    --from "$RUNS/ships-jailbreakbench-undifferentiated" --from "$RUNS/ships-jailbreakbench-scaling" \
+    --top 1,3 --method undifferentiated,scaling --max-new-tokens 64 --greedy --batch-size 50
+fi
