@@ -8,7 +8,8 @@
 #      JailbreakBench runs), greedy, 64 new tokens, both datasets, helpfulness on the harmless set.
 #
 #   scripts/acceptance.sh                       # .venv/bin/safetyheads, runs/acceptance/, any device
-#   LIMIT=8 RUNS=/tmp/acc scripts/acceptance.sh # a quick smoke run on the first 8 prompts
+#   LIMIT=8 RUNS=/tmp/acc scripts/acceptance.sh # a quick smoke run on the first 8 prompts (and 8 harmless)
+#   MODEL=smollm2-135m-instruct LIMIT=2 RUNS=/tmp/acc scripts/acceptance.sh   # smoke test, minutes on a CPU
 #   STEPS="scores sahara" scripts/acceptance.sh # only some steps
 #
 # Resumable: rerun after an interruption and every finished chunk is kept (each command gets --resume
@@ -20,8 +21,8 @@ SH=${SH:-.venv/bin/safetyheads}
 MODEL=${MODEL:-qwen2.5-coder-0.5b-instruct}
 RUNS=${RUNS:-runs/acceptance}
 STEPS=${STEPS:-scores sahara figure evaluate}
-LIMIT_ARGS=()
-if [[ -n "${LIMIT:-}" ]]; then LIMIT_ARGS=(--limit "$LIMIT"); fi
+LIMIT_ARGS=(); EVAL_LIMIT_ARGS=()
+if [[ -n "${LIMIT:-}" ]]; then LIMIT_ARGS=(--limit "$LIMIT"); EVAL_LIMIT_ARGS=(--harmless-limit "$LIMIT"); fi
 if [[ -z "${SAFETYHEADS_DATA_DIR:-}" && -d ../shared/datasets ]]; then export SAFETYHEADS_DATA_DIR="$PWD/../shared/datasets"; fi
 mkdir -p "$RUNS"
 
@@ -58,5 +59,5 @@ if has evaluate; then
   step "evaluate" "$RUNS/evaluate" \
     "$SH" evaluate "${COMMON[@]}" --dataset jailbreakbench --dataset maliciousinstruct \
     --from "$RUNS/ships-jailbreakbench-undifferentiated" --from "$RUNS/ships-jailbreakbench-scaling" \
-    --top 1,3 --method undifferentiated,scaling --max-new-tokens 64 --greedy --batch-size 50
+    --top 1,3 --method undifferentiated,scaling --max-new-tokens 64 --greedy --batch-size 50 "${EVAL_LIMIT_ARGS[@]}"
 fi
