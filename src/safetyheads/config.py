@@ -17,6 +17,9 @@ FORMATS = ("chat", "paper", "reference", "raw")  # prompts.py implements them (a
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+# Fisher eigen-probes of the Ships screen (screen.py; here so the CLI's --help needs no torch):
+# 8 put 9-10 of the exact top 10 in the screen's top 40 in benchmarks/screen_vs_exact.md, 1 puts 8-9.
+SCREEN_PROBES = 8
 
 T = TypeVar("T")
 

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ablation
+from .config import SCREEN_PROBES as DEFAULT_PROBES
 from .errors import UsageError
 
 Head = tuple[int, int]
@@ -294,7 +295,7 @@ def _batches(n: int, batch_size: int) -> list[slice]:
 
 
 def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
-           targets: Sequence[str] = ("ships", "gships"), probes: int = 3, random_probes: int = 0, rank: int = 1,
+           targets: Sequence[str] = ("ships", "gships"), probes: int = DEFAULT_PROBES, random_probes: int = 0, rank: int = 1,
            center: bool = False, full_subspace: bool = False, clean_hidden: torch.Tensor | None = None,
            batch_size: int = 8, progress: bool = True) -> ScreenResult:
     """Estimate every head's Ships (per prompt) and/or Generalized Ships from gradients.
@@ -410,7 +411,7 @@ class AutoResult:
 
 
 def auto_scores(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
-                target: str = "gships", top_k: int = 40, probes: int = 3, rank: int = 1,
+                target: str = "gships", top_k: int = 40, probes: int = DEFAULT_PROBES, rank: int = 1,
                 center: bool = False, allowed: Sequence[Head] | None = None, batch_size: int = 8,
                 progress: bool = True) -> AutoResult:
     """Screen every head, then score the screen's `top_k` heads (among `allowed`) exactly with the
@@ -455,15 +456,16 @@ class ScreenRun:
 #: Measured agreement of the screen with exact scores (benchmarks/screen_vs_exact.py), printed
 #: with every screen so nobody mistakes the estimates for scores.
 ACCURACY_NOTE = ("screen scores are gradient estimates, not exact scores. Measured (benchmarks/screen_vs_exact.py, "
-                 "SmolLM2-135M-Instruct, all 270 heads, 2 JailbreakBench chat prompts): Spearman with exact "
-                 "0.84 ships / 0.66 gships (undifferentiated), 0.90 / 0.68 (scaling); the exact top 10 lies in "
-                 "the screen's top 40 for 8-10 of 10 heads but in its top 10 for only 4-7. Use --mode auto for "
-                 "exact scores of the top K, or --mode exact")
+                 "all heads, JailbreakBench chat prompts, 8 probes; SmolLM2-135M-Instruct 20 prompts / "
+                 "Qwen2.5-Coder-0.5B-Instruct 8 prompts): Spearman with exact 0.96-0.99 (ships) and 0.95-0.97 "
+                 "(gships); the exact top 10 lies in the screen's top 40 for 9-10 of 10 heads (gships undifferentiated "
+                 "on SmolLM2: 7) but in its top 10 for only 3-9. Use --mode auto for exact scores of the top K, or "
+                 "--mode exact")
 
 
 def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
                out: str | Path, method: str = "undifferentiated", epsilon: float = 1e-5,
-               target: str = "gships", mode: str = "screen", top_k: int = 40, probes: int = 3,
+               target: str = "gships", mode: str = "screen", top_k: int = 40, probes: int = DEFAULT_PROBES,
                rank: int = 1, center: bool = False, layers: str | None = None, heads: str | None = None,
                batch_size: int = 8, resume: bool = False, force: bool = False, quiet: bool = False) -> ScreenRun:
     """`safetyheads screen`: estimate every head's score from gradients and write screen.csv

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config import SCREEN_PROBES
 from . import common
 from .cmd_scores import _add_ablation_args, _add_rank_args, _inputs, _print_top
 
@@ -32,8 +33,8 @@ def add_mode_args(parser) -> None:
                    help="exact: one forward pass per head (default); screen: gradient estimates only (screen.csv); "
                         "auto: screen, then exact scores for the top K heads")
     g.add_argument("--top-k", type=int, default=40, metavar="K", help="heads scored exactly with --mode auto (default 40)")
-    g.add_argument("--probes", type=int, default=3, metavar="N",
-                   help="ships screening: Fisher eigen-directions backpropagated, one backward pass each (default 3)")
+    g.add_argument("--probes", type=int, default=SCREEN_PROBES, metavar="N",
+                   help="ships screening: Fisher eigen-directions backpropagated, one backward pass each (default %(default)s)")
 
 
 def screen_instead(args, target: str) -> int | None:
@@ -68,7 +69,7 @@ def register(subparsers) -> None:
     g.add_argument("--mode", default="screen", metavar="screen|auto",
                    help="screen: estimates only; auto: then exact scores for the top K (default screen)")
     g.add_argument("--top-k", type=int, default=40, metavar="K", help="heads scored exactly in auto mode (default 40)")
-    g.add_argument("--probes", type=int, default=3, metavar="N",
-                   help="Fisher eigen-directions backpropagated for ships, one backward pass each (default 3)")
+    g.add_argument("--probes", type=int, default=SCREEN_PROBES, metavar="N",
+                   help="Fisher eigen-directions backpropagated for ships, one backward pass each (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward/backward (default 8)")
     p.set_defaults(func=cmd_screen)
