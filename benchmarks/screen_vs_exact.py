@@ -24,6 +24,7 @@ import torch
 from scipy.stats import spearmanr
 
 from safetyheads import engine, scores
+from safetyheads.config import SCREEN_PROBES
 from safetyheads import screen as S
 from safetyheads.ablation import num_layers_heads
 from safetyheads.data import load_prompts
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--format", default="chat")
     ap.add_argument("--methods", default="undifferentiated,scaling")
     ap.add_argument("--epsilon", type=float, default=1e-5)
-    ap.add_argument("--probes", type=int, default=3)
+    ap.add_argument("--probes", type=int, default=SCREEN_PROBES)
     ap.add_argument("--ships-variants", default="1+0,8+0,1+2",
                     help="extra ships screens to compare, EIGEN+RANDOM probes each (screen time only)")
     ap.add_argument("--top-k", type=int, default=40)
