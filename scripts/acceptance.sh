@@ -3,9 +3,10 @@
 # prompts of JailbreakBench and MaliciousInstruct), each step timed into $RUNS/times.txt:
 #   1. ships + Generalized Ships from the same sweep (`ships --with-gships`), 2 datasets x 2 methods;
 #   2. sahara --group-size 3 (JailbreakBench, each method, candidates: the top 20 of step 1);
-#   3. the figure (docs-style PNG) and the HTML report;
+#   3. the figure (docs-style PNG);
 #   4. evaluate: baseline and the top-1 / top-3 Generalized Ships heads of each method (from the
-#      JailbreakBench runs), greedy, 64 new tokens, both datasets, helpfulness on the harmless set.
+#      JailbreakBench runs), greedy, 64 new tokens, both datasets, helpfulness on the harmless set;
+#   5. the HTML report of everything in $RUNS.
 #
 #   scripts/acceptance.sh                       # .venv/bin/safetyheads, runs/acceptance/, any device
 #   LIMIT=8 RUNS=/tmp/acc scripts/acceptance.sh # a quick smoke run on the first 8 prompts (and 8 harmless)
@@ -53,7 +54,6 @@ if has sahara; then
 fi
 if has figure; then
   "$SH" figure "$RUNS"/ships-* --out "$RUNS/figure.png" --formats png,svg
-  "$SH" report "$RUNS"/ships-* "$RUNS"/sahara-* --out "$RUNS/report.html"
 fi
 if has evaluate; then
   step "evaluate" "$RUNS/evaluate" \
@@ -61,3 +61,4 @@ if has evaluate; then
     --from "$RUNS/ships-jailbreakbench-undifferentiated" --from "$RUNS/ships-jailbreakbench-scaling" \
     --top 1,3 --method undifferentiated,scaling --max-new-tokens 64 --greedy --batch-size 50 "${EVAL_LIMIT_ARGS[@]}"
 fi
+"$SH" report "$RUNS" --out "$RUNS/report.html"  # every run folder found under $RUNS

@@ -345,3 +345,33 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, argv, match):
     rc = main(["evaluate", "--model", "never-loaded", "--out", str(tmp_path / "run"), *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and match in err and "\n" not in err
+
+
+def test_cli_summary_prints_one_row_per_condition(capsys):
+    """The printed helpfulness table has one row per condition (baseline first), not a cross-product of
+    every method with every head list, and no NaN keys."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from safetyheads.cli.cmd_evaluate import _report
+
+    conditions = [("baseline", None, None), ("ablated", "0-2", "undifferentiated"), ("ablated", "1-2,1-3", "scaling")]
+    asr = pd.DataFrame([{"dataset": "jailbreakbench", "condition": c, "method": m, "heads": h, "judge": "keywords",
+                         "category": "all", "n": 3, "asr": 0.5} for c, h, m in conditions])
+    help_rows = []
+    for i, (c, h, m) in enumerate(conditions):
+        help_rows.append({"condition": c, "heads": h, "method": m, "metric": "over_refusal_rate", "judge": "keywords",
+                          "n": 3, "value": 0.0})
+        help_rows.append({"condition": c, "heads": h, "method": m, "metric": "mean_kl", "judge": None, "n": 3, "value": 0.1 * i})
+        help_rows.append({"condition": c, "heads": h, "method": m, "metric": "top1_agreement", "judge": None, "n": 3,
+                          "value": 1.0 - 0.25 * i})
+    result = SimpleNamespace(asr=asr, helpfulness=pd.DataFrame(help_rows), seed=None, run_dir="RUN")
+    _report(result)
+    out = capsys.readouterr().out
+    shift = out.split("next-token distribution vs the unablated model:")[1].split("wrote")[0].strip().splitlines()
+    assert len(shift) == 1 + len(conditions)  # header + one row per condition
+    assert "NaN" not in "\n".join(shift)
+    assert shift[1].split()[:3] == ["baseline", "-", "-"]
+    row = shift[3].split()
+    assert row[:3] == ["ablated", "scaling", "1-2,1-3"] and [float(x) for x in row[3:]] == [0.2, 0.5]

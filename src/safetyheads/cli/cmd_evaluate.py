@@ -62,8 +62,15 @@ def _report(result) -> None:
     if result.helpfulness is not None:
         h = result.helpfulness
         over = h[h["metric"] == "over_refusal_rate"][["condition", "method", "heads", "judge", "n", "value"]]
-        shift = h[h["metric"] != "over_refusal_rate"].pivot_table(
-            index=["condition", "method", "heads"], columns="metric", values="value", dropna=False).reset_index()
+        # one row per condition (the baseline has no method/heads: shown as "-", not dropped as NaN
+        # keys, and no cross-product of every method with every head list)
+        keys = ["condition", "method", "heads"]
+        rows = h[h["metric"] != "over_refusal_rate"].copy()
+        rows[keys] = rows[keys].fillna("-").replace("", "-")
+        order = list(dict.fromkeys(map(tuple, rows[keys].to_numpy())))
+        shift = rows.pivot_table(index=keys, columns="metric", values="value", sort=False)
+        shift = shift.reindex(order).reset_index()
+        shift.columns.name = None
         print("\nharmless set, over-refusal rate:")
         print(over.rename(columns={"value": "over_refusal"}).to_string(index=False))
         print("\nharmless set, next-token distribution vs the unablated model:")
