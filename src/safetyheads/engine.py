@@ -395,6 +395,17 @@ def _prefix_block_limit(cache: CleanCache) -> int:
     return max(1, (1 << 30) // per_config)
 
 
+def _block_size(cache: CleanCache, rows_max: int) -> int:
+    """Configurations per block: their prefix rows (one per config, S tokens each) must fit the
+    same activation budget as rows_max rows of the groups' own T tokens, and their keys/values
+    the prefix memory limit."""
+    if cache.prefix is None:
+        return rows_max
+    T = max(g.length for g in cache.groups)
+    S = cache.prefix_length
+    return max(1, min(rows_max * T // max(T, S), _prefix_block_limit(cache)))
+
+
 def _is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
@@ -438,7 +449,7 @@ def sweep(
     while outer < len(order):
         # One block of configurations: its shared prefix is replayed once (one row per config),
         # then every group of prompts replays its own tokens in chunks of at most rows_max rows.
-        block = order[outer:outer + max(1, min(rows_max, _prefix_block_limit(cache)))]
+        block = order[outer:outer + _block_size(cache, rows_max)]
         try:
             kv = None
             if cache.prefix is not None:
