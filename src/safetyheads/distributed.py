@@ -223,6 +223,7 @@ class ShardedRun:
         self._pending: dict[str, object] = {}
         self._chunks_per_rank = [0] * dist_info.world_size   # provenance for the manifest
         self._batch_sizes: set[int] = set()  # every batch size this rank's sweeps finally used
+        self._prefix_tokens: int | None = None  # leading tokens the sweeps replayed once per config
 
     @classmethod
     def open(cls, open_run: Callable[[], object]) -> "ShardedRun":
@@ -286,6 +287,8 @@ class ShardedRun:
         `cache` (the engine's CleanCache) passes on the batch sizes its sweeps used."""
         for size in (getattr(cache, "extra", None) or {}).get("batch_sizes", ()):
             self.record_batch_size(size)
+        if cache is not None and hasattr(cache, "prefix_length"):
+            self._prefix_tokens = int(cache.prefix_length)
         if not self.distributed:
             return
         parts: list = [None] * self._info.world_size
@@ -315,6 +318,8 @@ class ShardedRun:
         if self._batch_sizes:
             fields["batch_size"] = min(self._batch_sizes)
             fields["batch_sizes"] = sorted(self._batch_sizes)
+        if self._prefix_tokens is not None:
+            fields["shared_prefix_tokens"] = self._prefix_tokens
         self._run.update_manifest(**fields)
         self._run.finish(extra, **more)
 

@@ -61,6 +61,10 @@ def test_ships_scores_files_and_values(loaded, prompts, tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert "ships" in json.dumps(manifest)
     assert manifest["config"]["dtype"] == "float32"  # part of the run's identity: no bf16/fp32 mix on resume
+    from safetyheads.engine import shared_prefix_length
+    tokens = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"]
+              for t in format_prompts(loaded.tokenizer, PROMPTS, "chat")]
+    assert manifest["shared_prefix_tokens"] == shared_prefix_length(loaded.model, tokens) >= 4  # the chat header
 
     texts = format_prompts(loaded.tokenizer, PROMPTS, "chat")
     clean, _ = _reference_last(loaded, texts)
