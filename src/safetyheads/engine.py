@@ -94,14 +94,13 @@ def _field(encoded: Any, name: str):
     return encoded[name] if isinstance(encoded, dict) or hasattr(encoded, "keys") else getattr(encoded, name)
 
 
-def _detach(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
+def _tree_map(fn, obj: Any) -> Any:
+    """`fn` applied to every leaf of nested tuples/lists/dicts (the recorded layer arguments)."""
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_detach(x) for x in obj)
+        return type(obj)(_tree_map(fn, x) for x in obj)
     if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
-    return obj
+        return {k: _tree_map(fn, v) for k, v in obj.items()}
+    return fn(obj)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -129,24 +128,11 @@ class _CacheSlot:
 _CACHE = _CacheSlot()
 
 
-def _strip_cache(obj: Any) -> Any:
-    if isinstance(obj, Cache):
-        return _CACHE
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_strip_cache(x) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _strip_cache(v) for k, v in obj.items()}
-    return obj
-
-
-def _with_cache(obj: Any, kv: Any) -> Any:
-    if obj is _CACHE:
-        return kv
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_with_cache(x, kv) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _with_cache(v, kv) for k, v in obj.items()}
-    return obj
+def _for_record(leaf: Any) -> Any:
+    """A layer argument as the clean pass keeps it: tensors detached, the KV cache a placeholder."""
+    if isinstance(leaf, torch.Tensor):
+        return leaf.detach()
+    return _CACHE if isinstance(leaf, Cache) else leaf
 
 
 def shared_prefix_length(model: nn.Module, tokens: Sequence[Sequence[int]]) -> int:
@@ -200,8 +186,10 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> Cle
         by_length.setdefault(int(n), []).append(p)
     # mini-batches of at most MAX_GROUP prompts bound the clean pass's memory
     batches = [(n, ps[i:i + MAX_GROUP]) for n, ps in sorted(by_length.items()) for i in range(0, len(ps), MAX_GROUP)]
-    tokens = [input_ids[p, input_ids.shape[1] - int(n):].tolist() for p, n in enumerate(lengths)]
-    S = shared_prefix_length(model, tokens) if share_prefix else 0
+    S = 0
+    if share_prefix:
+        tokens = [input_ids[p, input_ids.shape[1] - int(n):].tolist() for p, n in enumerate(lengths)]
+        S = shared_prefix_length(model, tokens)
 
     layers = ablation.decoder_layers(model)
     norm = ablation.final_norm(model)
@@ -213,7 +201,7 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> Cle
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            record[i] = (hidden.detach(), _strip_cache(_detach(tuple(args[1:]))), _strip_cache(_detach(kw)))
+            record[i] = (hidden.detach(), _tree_map(_for_record, tuple(args[1:])), _tree_map(_for_record, kw))
 
         return hook
 
@@ -232,7 +220,7 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> Cle
     clean_hidden: torch.Tensor | None = None
     try:
         with MeanRecorder(model) as recorder:  # head means over every position of every prompt
-            prefix_cache = None
+            prefix_cache, cache_kwarg = None, _cache_kwarg(backbone)
             if S:
                 # the shared prefix, once: the replay's record of it (one row, square causal masks)
                 # and the KV cache every group's own tokens are run against
@@ -251,7 +239,7 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> Cle
                     past.batch_repeat_interleave(len(prompts))
                     # the prompts' own tokens against the prefix's cache: the masks and positions
                     # recorded here are the model's own for a short query after S cached keys
-                    backbone(input_ids=ids[:, S:], use_cache=True, **{_cache_kwarg(backbone): past})
+                    backbone(input_ids=ids[:, S:], use_cache=True, **{cache_kwarg: past})
                     del past
                 else:
                     backbone(input_ids=ids, use_cache=False)  # the LM head runs below, at the last position only
@@ -274,19 +262,19 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> Cle
 # Replay
 # ----------------------------------------------------------------------------------------------
 
-def _expand(obj: Any, n: int, rows: int) -> Any:
-    """Repeat the batch dimension of recorded tensors from the group's n prompts to `rows`
-    (config-major: row c*n + p is prompt p). Batch-1 tensors broadcast and stay as they are;
-    1-D tensors (cache positions) have no batch dimension."""
-    if isinstance(obj, torch.Tensor):
-        if obj.ndim >= 2 and obj.shape[0] == n and n > 1:
-            return obj.repeat(rows // n, *([1] * (obj.ndim - 1)))
-        return obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_expand(x, n, rows) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _expand(v, n, rows) for k, v in obj.items()}
-    return obj
+def _for_replay(obj: Any, n: int, rows: int, kv: Any) -> Any:
+    """Recorded layer arguments for a replay of `rows` rows: tensors with the group's n prompts in
+    their batch dimension repeated to `rows` (config-major: row c*n + p is prompt p; batch-1
+    tensors broadcast, 1-D ones such as cache positions have no batch dimension), and the KV-cache
+    placeholder replaced by `kv`."""
+    def leaf(x: Any) -> Any:
+        if x is _CACHE:
+            return kv
+        if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] == n and n > 1:
+            return x.repeat(rows // n, *([1] * (x.ndim - 1)))
+        return x
+
+    return _tree_map(leaf, obj)
 
 
 def _start_layer(heads: Sequence[Head], n_layers: int) -> int:
@@ -349,9 +337,8 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
                 joined += k
             rows = hidden.shape[0]
             ablator.batch_rows = rows
-            args = _with_cache(_expand(group.args[layer], n, rows), kv)
-            kwargs = _with_cache(_expand(group.kwargs[layer], n, rows), kv)
-            out = layers[layer](hidden, *args, **kwargs)
+            out = layers[layer](hidden, *_for_replay(group.args[layer], n, rows, kv),
+                                **_for_replay(group.kwargs[layer], n, rows, kv))
             hidden = out[0] if isinstance(out, (tuple, list)) else out
     if group.clean_logits is None:
         return None
@@ -387,9 +374,8 @@ def _prefix_block_limit(cache: CleanCache) -> int:
     if cache.prefix is None:
         return 1 << 30
     config = ablation.text_config(cache.model)
-    n_heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // n_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = ablation._head_dim(cache.model)
     itemsize = next(cache.model.parameters()).element_size()
     per_config = 2 * cache.n_layers * cache.prefix_length * kv_heads * head_dim * itemsize  # keys + values
     return max(1, (1 << 30) // per_config)
