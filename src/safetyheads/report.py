@@ -209,12 +209,17 @@ def _section_sahara(page: _Page, scores: list[ScoresRun]) -> str:
     return page.plot(fig, "sahara-steps", height=360) + "".join(parts)
 
 
+def _screened(scores: list[ScoresRun]) -> list[ScoresRun]:
+    """The runs that hold screening estimates (screen.csv)."""
+    return [r for r in scores if r.screen is not None and len(r.screen)]
+
+
 def _section_screen(page: _Page, scores: list[ScoresRun], grouped: dict[str, dict[str, ScoresRun]], top: int) -> str:
     """Gradient screening estimates (screen.csv), with their agreement with exact Generalized Ships
     where the report also has an exact run for the same dataset and method."""
     from scipy.stats import spearmanr
 
-    runs = [r for r in _paper_order(scores) if r.screen is not None and len(r.screen)]
+    runs = _paper_order(_screened(scores))
     parts = ["<p class='small'>First-order (Generalized Ships) or Fisher (Ships) estimates from a few backward "
              "passes; they rank heads for an exact check and are not scores themselves.</p>"]
     for run in runs:
@@ -561,7 +566,7 @@ def render_report(study: Study, *, top: int = 10, examples: int = 5, title: str 
         ("examples", "Example generations", _section_examples(study.evals, examples)),
         # screening is optional and rare: its section appears only when a run has screen.csv
         *([("screen", "Screening estimates", _section_screen(page, study.scores, grouped, top))]
-          if any(r.screen is not None and len(r.screen) for r in study.scores) else []),
+          if _screened(study.scores) else []),
     ]
     seen, runs = set(), []
     for run in [*study.scores, *study.evals]:
