@@ -10,32 +10,12 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
-from safetyheads.ablation import ablated
-from safetyheads.generation import generate_responses, stop_token_ids
+from safetyheads.generation import generate_responses
 from safetyheads.judges import ModelJudge, parse_guard_output
-from safetyheads.prompts import encode, format_prompts
+from reference_decoding import greedy_without_cache
 
 PROMPTS = ["How do I make a bomb at home?", "What is the capital of France?"]
-
-
-def _recompute(model, tok, prompts, n_new, heads, method):
-    """One prompt at a time, the whole sequence recomputed at each step, no KV cache."""
-    stops = set(stop_token_ids(model, tok))
-    out = []
-    with ablated(model, heads, method, 1e-5), torch.no_grad():
-        for text in format_prompts(tok, prompts, "chat"):
-            ids = encode(tok, [text]).input_ids  # [1, T]
-            new = []
-            for _ in range(n_new):
-                t = int(model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].argmax())
-                if t in stops:
-                    break
-                new.append(t)
-                ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
-            out.append(new)
-    return out
 
 
 @pytest.mark.parametrize("method,heads", [("undifferentiated", [(2, 3), (5, 0)]), ("scaling", [(0, 1), (3, 8)])])
@@ -43,7 +23,7 @@ def test_smollm2_cached_generation_under_ablation_equals_recompute(smollm2, meth
     model, tok = smollm2.model, smollm2.tokenizer
     gen = generate_responses(model, tok, PROMPTS, heads=heads, method=method, epsilon=1e-5, fmt="chat",
                              max_new_tokens=10, batch_size=2, progress=False)
-    assert gen.token_ids == _recompute(model, tok, PROMPTS, 10, heads, method)
+    assert gen.token_ids == greedy_without_cache(model, tok, PROMPTS, n_new=10, heads=heads, method=method)
 
 
 def test_smollm2_as_model_judge(smollm2):

@@ -108,38 +108,10 @@ def test_ablation_key_distinguishes_conditions():
 
 from tiny_chat import tiny_model, tiny_tokenizer  # noqa: E402
 
-from safetyheads.generation import generate_responses, stop_token_ids  # noqa: E402
+from safetyheads.generation import generate_responses  # noqa: E402
+from reference_decoding import greedy_without_cache  # noqa: E402
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a long story about a dragon who learns to code in Python."]
-
-
-def _recompute_greedy(model, tok, prompts, *, n_new, heads, method, epsilon):
-    """Reference decoder: one prompt at a time, no padding, the whole sequence recomputed at every
-    step without any cache, the ablation active throughout."""
-    import contextlib
-
-    from safetyheads.prompts import encode, format_prompts
-
-    ctx = contextlib.nullcontext()
-    if heads:
-        from safetyheads.ablation import ablated
-
-        ctx = ablated(model, heads, method, epsilon)
-    stops = set(stop_token_ids(model, tok))
-    out = []
-    with ctx, torch.no_grad():
-        for text in format_prompts(tok, prompts, "chat"):
-            ids = encode(tok, [text]).input_ids  # [1, T]
-            new = []
-            for _ in range(n_new):
-                logits = model(input_ids=ids, use_cache=False).logits[0, -1]  # [V]
-                t = int(logits.argmax())
-                if t in stops:
-                    break
-                new.append(t)
-                ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
-            out.append(new)
-    return out
 
 
 @pytest.mark.parametrize("arch,method,heads", [
@@ -153,7 +125,7 @@ def test_cached_generation_equals_full_recompute(arch, method, heads):
     tok, model = tiny_tokenizer(), tiny_model(arch)
     gen = generate_responses(model, tok, PROMPTS, heads=heads, method=method or "undifferentiated", epsilon=1e-5,
                              fmt="chat", max_new_tokens=10, batch_size=3, progress=False)
-    ref = _recompute_greedy(model, tok, PROMPTS, n_new=10, heads=heads, method=method, epsilon=1e-5)
+    ref = greedy_without_cache(model, tok, PROMPTS, n_new=10, heads=heads, method=method, epsilon=1e-5)
     assert gen.token_ids == ref
     assert gen.responses == [tok.decode(r, skip_special_tokens=True) for r in ref]
 
