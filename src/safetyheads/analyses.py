@@ -200,9 +200,69 @@ def _by_layer(heads: Sequence[Head]) -> dict[int, list[Head]]:
     return groups
 
 
-def _progress(total: int, desc: str, quiet: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="abl", disable=quiet or not distributed.is_main(),  # [scale-out]
-                dynamic_ncols=True)
+class _WorkBar:
+    """The progress bar of an analysis, counted in compute rather than in heads.
+
+    An ablation that starts in layer l replays L - l layers, so an early-layer head costs up to L
+    times more than a late one: a bar counting heads would give an ETA off by about 2x and sit
+    still through a slow layer. This bar counts layer passes x prompts, moves after every sweep
+    chunk (the engine reports its work), and shows the heads done as a postfix. Work found on disk
+    when resuming (or given to other ranks) counts as done before the clock starts, so it does not
+    inflate the rate."""
+
+    def __init__(self, desc: str, quiet: bool, n_layers: int, n_prompts: int) -> None:
+        self.desc, self.n_layers, self.n_prompts = desc, n_layers, n_prompts
+        self.disable = quiet or not distributed.is_main()                  # [scale-out]
+        self.bar: tqdm | None = None
+        self.heads_done = self.heads_total = 0
+        self.planned = 0  # work of the chunks added so far
+        self.label = "heads"
+
+    def work(self, configs: Sequence[Sequence[Head]]) -> int:
+        return distributed.chunk_cost(configs, self.n_layers) * self.n_prompts
+
+    def add(self, chunks: Sequence[tuple[Sequence[Sequence[Head]], bool]], *, later: int = 0,
+            label: str = "heads") -> None:
+        """Add planned chunks (configs, already done?) to the total; `later` is an estimate of the
+        work still to be planned (Sahara's next steps), replaced by their real work when added."""
+        done = sum(self.work(c) for c, is_done in chunks if is_done)
+        planned = sum(self.work(c) for c, _ in chunks)
+        self.heads_total += sum(len(c) for c, _ in chunks)
+        self.heads_done += sum(len(c) for c, is_done in chunks if is_done)
+        self.label = label
+        self.planned += planned
+        if self.bar is None:
+            self.bar = tqdm(total=self.planned + later, initial=done, desc=self.desc, disable=self.disable,
+                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]",
+                            postfix=self._text())
+        else:
+            self.bar.total = self.planned + later
+            if done:
+                self.bar.update(done)
+        self._postfix()
+
+    def advance(self, work: float) -> None:
+        """Sweep work finished (negative after an out-of-memory retry)."""
+        if self.bar is not None:
+            self.bar.update(work)
+
+    def heads(self, n: int) -> None:
+        self.heads_done += n
+        self._postfix()
+
+    def _text(self) -> str:
+        return f"{self.heads_done}/{self.heads_total} {self.label}"
+
+    def _postfix(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._text(), refresh=True)
+
+    def __enter__(self) -> "_WorkBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _plan(run, inputs: _Inputs, prefix: str, by_layer: dict[int, list[Head]], group: Sequence[Head] = ()) -> None:
@@ -215,7 +275,7 @@ def _plan(run, inputs: _Inputs, prefix: str, by_layer: dict[int, list[Head]], gr
 # Ships
 # --------------------------------------------------------------------------------------------
 def _ships_chunk(cache, inputs: _Inputs, heads: list[Head], method: str, epsilon: float,
-                 smoothed: bool, gships: tuple[np.ndarray, int, bool] | None = None
+                 smoothed: bool, gships: tuple[np.ndarray, int, bool] | None = None, on_work=None
                  ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Ships table of one chunk of single heads and, when `gships` = (clean basis, rank, center) is
     given, their Generalized Ships from the same sweep (the hidden states come for free)."""
@@ -224,7 +284,7 @@ def _ships_chunk(cache, inputs: _Inputs, heads: list[Head], method: str, epsilon
     want = ("kl", "hidden") if gships is not None else ("kl",)
     gtable = None
     if not smoothed:
-        result = sweep(cache, configs, method, epsilon, want=want, progress=False)
+        result = sweep(cache, configs, method, epsilon, want=want, progress=False, on_work=on_work)
         kl = result.kl                                                   # [C, P] float64
         if gships is not None:
             basis, rank, center = gships
@@ -239,7 +299,8 @@ def _ships_chunk(cache, inputs: _Inputs, heads: list[Head], method: str, epsilon
         parts, gparts = [], []
         for i in range(0, len(configs), step):
             res = sweep(cache, configs[i:i + step], method, epsilon,
-                        want=("logprobs", "hidden") if gships is not None else ("logprobs",), progress=False)
+                        want=("logprobs", "hidden") if gships is not None else ("logprobs",), progress=False,
+                        on_work=on_work)
             parts.append(scores.kl_from_logprobs(res.clean_logprobs, res.logprobs, smoothed=True).numpy())
             if gships is not None:
                 basis, rank, center = gships
@@ -282,17 +343,20 @@ def run_ships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = 
     run = _open_run(out, inputs, resume=resume, force=force)
     cache = _clean_cache(inputs)
     gships = (scores.clean_subspace(cache.clean_hidden, rank, center=center), rank, center) if with_gships else None
-    _plan(run, inputs, "ships_L", _by_layer(inputs.heads))                # [scale-out]
-    with _progress(len(inputs.heads), f"ships {method}", quiet) as bar:
-        for layer, layer_heads in _by_layer(inputs.heads).items():
+    by_layer = _by_layer(inputs.heads)
+    _plan(run, inputs, "ships_L", by_layer)                              # [scale-out]
+    with _WorkBar(f"ships {method}", quiet, inputs.n_layers, len(inputs.texts)) as bar:
+        bar.add([([[h] for h in hs], run.chunk_done(f"ships_L{layer:03d}")) for layer, hs in by_layer.items()])
+        for layer, layer_heads in by_layer.items():
             key = f"ships_L{layer:03d}"
             if not run.chunk_done(key):
-                table, gtable = _ships_chunk(cache, inputs, layer_heads, method, epsilon, smoothed, gships)
+                table, gtable = _ships_chunk(cache, inputs, layer_heads, method, epsilon, smoothed, gships,
+                                             on_work=bar.advance)
                 if gtable is not None:
                     # the gships chunk first: a ships chunk on disk means both are there
                     run.write_chunk(f"gships_L{layer:03d}", gtable)
                 run.write_chunk(key, table)
-            bar.update(len(layer_heads))
+                bar.heads(len(layer_heads))
     run.sync(cache)                                                      # [scale-out]
     table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
     table = table[scores.SHIPS_COLUMNS].reset_index(drop=True)
@@ -316,10 +380,10 @@ def _head_list(df: pd.DataFrame) -> list[str]:
 # Generalized Ships
 # --------------------------------------------------------------------------------------------
 def _gships_scores(cache, configs: list[list[Head]], method: str, epsilon: float, clean_basis: np.ndarray,
-                   rank: int, center: bool) -> np.ndarray:
+                   rank: int, center: bool, on_work=None) -> np.ndarray:
     """Generalized Ships of each config against the clean model -> [C] degrees."""
     from .engine import sweep
-    result = sweep(cache, configs, method, epsilon, want=("hidden",), progress=False)
+    result = sweep(cache, configs, method, epsilon, want=("hidden",), progress=False, on_work=on_work)
     hidden = result.hidden                                               # [C, P, D] float32
     clean = result.clean_hidden                                          # [P, D]
     return np.array([scores.generalized_ships(clean, hidden[c], rank, center=center, clean_basis=clean_basis)
@@ -342,14 +406,17 @@ def run_gships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     run = _open_run(out, inputs, resume=resume, force=force)
     cache = _clean_cache(inputs)
     clean_basis = scores.clean_subspace(cache.clean_hidden, rank, center=center)
-    _plan(run, inputs, "gships_L", _by_layer(inputs.heads))               # [scale-out]
-    with _progress(len(inputs.heads), f"gships {method}", quiet) as bar:
-        for layer, layer_heads in _by_layer(inputs.heads).items():
+    by_layer = _by_layer(inputs.heads)
+    _plan(run, inputs, "gships_L", by_layer)                             # [scale-out]
+    with _WorkBar(f"gships {method}", quiet, inputs.n_layers, len(inputs.texts)) as bar:
+        bar.add([([[h] for h in hs], run.chunk_done(f"gships_L{layer:03d}")) for layer, hs in by_layer.items()])
+        for layer, layer_heads in by_layer.items():
             key = f"gships_L{layer:03d}"
             if not run.chunk_done(key):
-                values = _gships_scores(cache, [[h] for h in layer_heads], method, epsilon, clean_basis, rank, center)
+                values = _gships_scores(cache, [[h] for h in layer_heads], method, epsilon, clean_basis, rank, center,
+                                        on_work=bar.advance)
                 run.write_chunk(key, scores.gships_table(layer_heads, values, method)[["layer", "head", "method", "score"]])
-            bar.update(len(layer_heads))
+                bar.heads(len(layer_heads))
     run.sync(cache)                                                      # [scale-out]
     table = scores.rank_by_score(run.read_chunks("gships_"))
     run.write_table("generalized_ships", table)
@@ -425,22 +492,33 @@ def run_sahara(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     group: list[Head] = []
     tried: list[pd.DataFrame] = []
     remaining = list(pool)
-    total = sum(len(pool) - s for s in range(group_size)) if top_k is None else \
-        len(pool) + sum(min(top_k, len(pool)) - s for s in range(1, group_size))
-    with _progress(total, f"sahara {method}", quiet) as bar:
+    def tried_at(step: int) -> int:  # heads tried at a step: the pool at step 1, then the K candidates
+        n = len(pool) if top_k is None or step == 1 else min(top_k, len(pool))
+        return n - (step - 1)
+
+    with _WorkBar(f"sahara {method}", quiet, inputs.n_layers, len(inputs.texts)) as bar:
         for step in range(1, group_size + 1):
-            _plan(run, inputs, f"sahara_S{step:03d}_L", _by_layer(remaining), group)  # [scale-out]
-            for layer, layer_heads in _by_layer(remaining).items():
+            by_layer = _by_layer(remaining)
+            _plan(run, inputs, f"sahara_S{step:03d}_L", by_layer, group)  # [scale-out]
+            chunks = [([group + [h] for h in hs], run.chunk_done(f"sahara_S{step:03d}_L{layer:03d}"))
+                      for layer, hs in by_layer.items()]
+            # the later steps' work is not known yet (it depends on this step's winner): estimate it
+            # at this step's work per head
+            per_head = sum(bar.work(c) for c, _ in chunks) / max(1, len(remaining))
+            later = int(per_head * sum(tried_at(s) for s in range(step + 1, group_size + 1)))
+            bar.add(chunks, later=later, label=f"heads tried (step {step}/{group_size})")
+            for layer, layer_heads in by_layer.items():
                 key = f"sahara_S{step:03d}_L{layer:03d}"
                 if not run.chunk_done(key):
                     configs = [group + [h] for h in layer_heads]
-                    values = _gships_scores(cache, configs, method, epsilon, clean_basis, rank, center)
+                    values = _gships_scores(cache, configs, method, epsilon, clean_basis, rank, center,
+                                            on_work=bar.advance)
                     run.write_chunk(key, pd.DataFrame({
                         "step": np.int64(step),
                         "layer": np.array([h[0] for h in layer_heads], dtype=np.int64),
                         "head": np.array([h[1] for h in layer_heads], dtype=np.int64),
                         "score": values}))
-                bar.update(len(layer_heads))
+                    bar.heads(len(layer_heads))
             run.sync(cache)                                              # [scale-out]
             step_scores = run.read_chunks(f"sahara_S{step:03d}_")
             ordered = step_scores.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable")

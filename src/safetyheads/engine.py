@@ -27,7 +27,7 @@ import copy
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -407,9 +407,14 @@ def sweep(
     want: Sequence[str] = ("kl", "hidden"),
     batch_size: int | None = None,
     progress: bool = True,
+    on_work: Callable[[int], None] | None = None,
 ) -> SweepResult:
     """For every configuration (a list of heads) and prompt: KL(p_clean || p_ablated) at the last
-    position, the final-norm last hidden state, and (if asked) the ablated log-probs."""
+    position, the final-norm last hidden state, and (if asked) the ablated log-probs.
+
+    `on_work(n)` is told after every chunk the layer passes x prompts it replayed (a config that
+    starts in layer l costs L - l per prompt), for a caller's progress bar; after an out-of-memory
+    retry it is told the block's work back as a negative number."""
     ablation.check_method(method)
     if method in ("undifferentiated", "scaling"):
         ablation.check_epsilon(epsilon)
@@ -436,6 +441,7 @@ def sweep(
         # One block of configurations: its shared prefix is replayed once (one row per config),
         # then every group of prompts replays its own tokens in chunks of at most rows_max rows.
         block = order[outer:outer + _block_size(cache, rows_max)]
+        reported = 0  # work of this block told to on_work
         try:
             kv = None
             if cache.prefix is not None:
@@ -464,11 +470,17 @@ def sweep(
                             logprobs[index[:, None], prompts[None, :]] = lp.float().cpu()
                         del lp
                     bar.update(len(chunk) * n)
+                    if on_work is not None:
+                        work = sum(cache.n_layers - starts_all[i] for i in chunk) * n
+                        on_work(work)
+                        reported += work
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
             if not _is_oom(exc) or rows_max == 1:
                 raise
             # halve and redo the whole block (its finished chunks are simply overwritten)
             rows_max = max(1, rows_max // 2)
+            if on_work is not None and reported:
+                on_work(-reported)
             del kv
             if _model_device(cache.model).type == "cuda":
                 torch.cuda.empty_cache()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -195,3 +196,48 @@ def test_bad_input(loaded, prompts, tmp_path):
         analyses.run_gships(loaded, prompts, "raw", out=out, layers="1", resume=True, quiet=True)
     res = analyses.run_gships(loaded, prompts, "raw", out=out, layers="1", force=True, quiet=True)
     assert set(res.table["layer"]) == {1}
+
+
+def _bar_states(stderr: str, desc: str) -> list[str]:
+    """The successive renderings of one tqdm bar (tqdm redraws with carriage returns)."""
+    return [s for s in re.split(r"[\r\n]", stderr) if s.startswith(desc)]
+
+
+def _percent(state: str) -> int:
+    return int(re.search(r"(\d+)%", state).group(1))
+
+
+def test_progress_bar_counts_compute_and_starts_at_the_resumed_work(loaded, prompts, tmp_path, capsys, monkeypatch):
+    analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "full", method="scaling")
+    states = _bar_states(capsys.readouterr().err, "ships scaling")
+    assert states and _percent(states[-1]) == 100 and "12/12 heads" in states[-1]
+    percents = [_percent(s) for s in states]
+    assert percents == sorted(percents) and len(set(percents)) > 2     # it moved, forward only
+
+    # interrupted after layer 0: a layer-0 head replays 3 layers, a layer-1 head 2, a layer-2 head 1,
+    # so layer 0 is half the work (3 / (3 + 2 + 1)); the resumed bar starts there, not at 0
+    import safetyheads.engine as engine
+    real_sweep, calls = engine.sweep, []
+
+    def failing_sweep(cache, configs, *a, **k):
+        calls.append(configs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_sweep(cache, configs, *a, **k)
+
+    monkeypatch.setattr(engine, "sweep", failing_sweep)
+    with pytest.raises(KeyboardInterrupt):
+        analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "part", method="scaling", quiet=True)
+    monkeypatch.setattr(engine, "sweep", real_sweep)
+    capsys.readouterr()
+    analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "part", method="scaling", resume=True)
+    states = _bar_states(capsys.readouterr().err, "ships scaling")
+    assert _percent(states[0]) == 50 and "4/12 heads" in states[0]
+    assert _percent(states[-1]) == 100 and "12/12 heads" in states[-1]
+
+
+def test_sahara_progress_bar_ends_full_across_steps(loaded, prompts, tmp_path, capsys):
+    analyses.run_sahara(loaded, prompts, "raw", out=tmp_path / "s", group_size=2, candidates="top3")
+    states = _bar_states(capsys.readouterr().err, "sahara undifferentiated")
+    assert _percent(states[-1]) == 100 and "step 2/2" in states[-1]
+    assert "14/14 heads tried" in states[-1]                             # 12 at step 1, then 2 of the top 3

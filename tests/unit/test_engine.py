@@ -128,3 +128,15 @@ def test_clean_pass_mini_batches_agree(monkeypatch):
     assert (a.kl - b.kl).abs().max() <= 1e-6
     assert (a.hidden - b.hidden).abs().max() <= 1e-5
     assert (whole.head_means - split.head_means).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_work_is_reported_chunk_by_chunk(model, share):
+    """`on_work` (progress bars) is told each chunk's layer passes x prompts as it finishes: the
+    totals add up to the configurations' cost, and small batches report more than once."""
+    cache = prepare(model, _encoded(), share_prefix=share)
+    told: list[int] = []
+    sweep(cache, CONFIGS, "scaling", want=("kl",), batch_size=2, progress=False, on_work=told.append)
+    expected = sum(LAYERS - min(layer for layer, _ in c) for c in CONFIGS if c) * len(PROMPT_LENGTHS)
+    assert sum(told) == expected
+    assert len(told) > 1 and all(n > 0 for n in told)

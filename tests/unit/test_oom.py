@@ -122,3 +122,28 @@ def test_other_errors_are_not_swallowed(model, encoded):
             engine.sweep(cache, CONFIGS, "scaling", want=("kl",), batch_size=8, progress=False)
     finally:
         del layer.forward
+
+
+def test_work_reported_for_progress_is_taken_back_on_a_retry(model, encoded):
+    """`on_work` feeds the progress bars: when a block is redone after an out-of-memory error in its
+    third chunk, the two chunks already reported are taken back, so the net total is still each
+    configuration's layer passes (L - first ablated layer) times the prompts."""
+    cache = engine.prepare(model, encoded)
+    last = model.model.layers[N_LAYERS - 1]                                  # every chunk's replay ends here
+    original, calls = last.forward, []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(*args, **kwargs)
+
+    told: list[int] = []
+    last.forward = forward
+    try:
+        engine.sweep(cache, CONFIGS, "scaling", want=("kl",), batch_size=4, progress=False, on_work=told.append)
+    finally:
+        del last.forward
+    assert told[2] == -(told[0] + told[1]), "the redone block's reported work was not taken back"
+    expected = sum(N_LAYERS - min(layer for layer, _ in c) for c in CONFIGS) * N_PROMPTS
+    assert sum(told) == expected
