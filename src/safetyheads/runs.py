@@ -5,6 +5,11 @@ Results are written in chunks (`chunks/<key>.parquet`), each atomically (tempora
 so a run killed at any moment (Ctrl-C, kill -9) leaves only whole chunks behind; `resume=True` skips them.
 Final tables are assembled from the chunks alone and written deterministically, so a resumed run's files are
 byte-identical to an uninterrupted run's.
+
+The manifest's `compute_seconds` is the wall time that produced the results on disk: every session of the
+run (the first and each `--resume`) adds its time up to the last chunk it saved (a chunk a kill cut short
+costs time that is not counted), updated as each chunk lands and at `finish`. `started`/`finished`, in
+contrast, span any pause between sessions.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -148,6 +154,12 @@ class RunDir:
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
+        # this session's clock starts at opening; earlier sessions' time is already in the manifest
+        self._opened = time.monotonic()
+        self._before = float(manifest.get("compute_seconds") or 0.0)
+
+    def _count_time(self) -> None:
+        self.manifest["compute_seconds"] = round(self._before + time.monotonic() - self._opened, 3)
 
     # -- opening -----------------------------------------------------------------------------------------------
 
@@ -239,6 +251,7 @@ class RunDir:
         summary.update(more)
         self.manifest["summary"] = summary
         self.manifest["finished"] = _now()
+        self._count_time()
         self._write_manifest()
 
     # -- chunks ------------------------------------------------------------------------------------------------
@@ -262,6 +275,8 @@ class RunDir:
         path = self._chunk_path(key)
         frame = df.reset_index(drop=True)
         _atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+        self._count_time()
+        self._write_manifest()
 
     def read_chunk(self, key: str):
         import pandas as pd

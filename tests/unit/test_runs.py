@@ -41,6 +41,31 @@ def test_manifest_has_provenance(tmp_path):
     assert m["summary"] == {"top_heads": ["1-2"], "outputs": ["x.csv"]} and m["finished"] >= m["started"]
 
 
+def test_compute_seconds_add_up_over_resumed_sessions(tmp_path, monkeypatch):
+    """`compute_seconds` counts each session up to its last saved chunk (or its finish), summed over
+    resumes; the pause between sessions is not counted. A controlled clock makes it exact."""
+    import safetyheads.runs as runs
+
+    clock = [100.0]
+    monkeypatch.setattr(runs.time, "monotonic", lambda: clock[0])
+    path = tmp_path / "r"
+    run = RunDir.open(path, CONFIG)
+    clock[0] = 130.0
+    run.write_chunk("a", pd.DataFrame({"x": [1]}))
+    clock[0] = 150.0                                  # killed while computing chunk b: 20 s not counted
+    assert json.loads((path / "manifest.json").read_text())["compute_seconds"] == 30.0
+    clock[0] = 5000.0                                 # resumed much later
+    run = RunDir.open(path, CONFIG, resume=True)
+    clock[0] = 5010.0
+    run.write_chunk("b", pd.DataFrame({"x": [2]}))
+    clock[0] = 5015.0
+    run.finish()
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["compute_seconds"] == 45.0
+    clock[0] = 6000.0
+    assert RunDir.open(path, CONFIG, force=True).manifest.get("compute_seconds") is None  # a new run
+
+
 def test_existing_run_rules(tmp_path):
     path = tmp_path / "r"
     run = RunDir.open(path, CONFIG)
