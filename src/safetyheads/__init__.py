@@ -18,6 +18,7 @@ from .errors import DownloadError, SafetyHeadsError, UnsupportedModelError, Usag
 _EXPORTS: dict[str, str] = {
     "Study": "results",
     "load_study": "results",
+    "summarize_runs": "results",
     "paper_figure": "plots",
     "build_report": "report",
     "BUILTIN_MODELS": "models",

@@ -368,3 +368,96 @@ def load_study(paths: Iterable[str | Path]) -> Study:
         if not scores and evaluation is None:
             study.notes.append(f"{run}: holds no scores or evaluation results yet")
     return study
+
+
+# ---------------------------------------------------------------- the `summary` table
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
+
+
+def _run_time(manifest: dict) -> float | None:
+    """Compute time of a run: `compute_seconds` (summed over resumed sessions) when recorded, else the
+    command's own timer, else started -> finished."""
+    if isinstance(manifest.get("compute_seconds"), (int, float)):
+        return float(manifest["compute_seconds"])
+    seconds = (manifest.get("summary") or {}).get("seconds")
+    if isinstance(seconds, (int, float)):
+        return float(seconds)
+    try:
+        import datetime as dt
+
+        span = dt.datetime.fromisoformat(manifest["finished"]) - dt.datetime.fromisoformat(manifest["started"])
+        return span.total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _run_status(run: Path, manifest: dict) -> str:
+    if manifest.get("finished"):
+        return "finished"
+    chunks = len(list((run / "chunks").glob("*.parquet"))) if (run / "chunks").is_dir() else 0
+    return f"unfinished: {chunks} chunks saved"
+
+
+@dataclass
+class RunsSummary:
+    rankings: pd.DataFrame  # run, command, model, dataset, prompts, method, status, time, ranking, top_heads
+    asr: pd.DataFrame  # run, dataset, condition, method, heads, judge, n, asr (all categories together)
+
+
+def summarize_runs(paths: Iterable[str | Path], top: int = 5) -> RunsSummary:
+    """What each run folder holds, in one table: its top `top` heads per ranking (Generalized Ships,
+    Ships by top-10 count, the Sahara group, a screen's estimate), whether it finished, and its compute
+    time; plus the ASR rows of evaluation runs. Unfinished runs are listed too, with what is on disk."""
+    if top < 1:
+        raise UsageError(f"--top must be at least 1 (got {top})")
+    rows, asr_rows = [], []
+    for run in find_run_dirs(paths):
+        manifest = read_manifest(run)
+        datasets = manifest.get("datasets") or []
+        prompts = datasets[0].get("n") if len(datasets) == 1 and isinstance(datasets[0], dict) else None
+        base = {"run": str(run), "command": manifest.get("command") or "", "status": _run_status(run, manifest),
+                "time": _duration(_run_time(manifest))}
+        found = False
+        for sr in load_scores_runs(run, manifest):
+            info = {**base, "model": sr.model, "dataset": sr.dataset, "prompts": prompts, "method": sr.method}
+            rankings = []
+            if sr.gships is not None:
+                rankings.append(("Generalized Ships", format_heads(sr.top(top)[["layer", "head"]].to_numpy())))
+            if sr.summary is not None:
+                ordered = sr.summary.sort_values(["top10_count", "mean"], ascending=False, kind="stable") \
+                    if {"top10_count", "mean"} <= set(sr.summary.columns) else sr.summary
+                rankings.append(("Ships (top-10 count)", format_heads(ordered.head(top)[["layer", "head"]].to_numpy())))
+            if sr.sahara is not None:
+                rankings.append(("Sahara group", format_heads(sr.sahara.sort_values("step")[["layer", "head"]].to_numpy())))
+            if sr.screen is not None:
+                screen = sr.screen.sort_values("rank", kind="stable").head(top)
+                rankings.append((f"screen estimate ({sr.screen_target})", format_heads(screen[["layer", "head"]].to_numpy())))
+            for ranking, heads in rankings:
+                rows.append({**info, "ranking": ranking, "top_heads": heads})
+                found = True
+        evaluation = load_eval_run(run, manifest)
+        if evaluation is not None and evaluation.asr is not None:
+            found = True
+            overall = evaluation.asr
+            if "category" in overall.columns:
+                overall = overall[overall["category"].astype(str) == "all"]
+            for r in overall.to_dict("records"):
+                asr_rows.append({"run": str(run), "dataset": r.get("dataset"), "condition": r.get("condition"),
+                                 "method": r.get("method"), "heads": r.get("heads"), "judge": r.get("judge"),
+                                 "n": r.get("n"), "asr": r.get("asr")})
+        if not found:
+            rows.append({**base, "model": manifest_field(manifest, "model", keys=_MODEL_KEYS) or "",
+                         "dataset": normalise_dataset(manifest_field(manifest, "dataset", "data", keys=_DATASET_KEYS)),
+                         "prompts": prompts, "method": manifest_field(manifest, "method") or "", "ranking": "",
+                         "top_heads": ""})
+    columns = ["run", "command", "model", "dataset", "prompts", "method", "status", "time", "ranking", "top_heads"]
+    asr_columns = ["run", "dataset", "condition", "method", "heads", "judge", "n", "asr"]
+    return RunsSummary(pd.DataFrame(rows, columns=columns), pd.DataFrame(asr_rows, columns=asr_columns))

@@ -1,5 +1,5 @@
-"""`safetyheads figure | report`: argument parsing only; each calls one API function
-(`plots.paper_figure`, `report.build_report`)."""
+"""`safetyheads figure | report | summary`: argument parsing only; each calls one API function
+(`plots.paper_figure`, `report.build_report`, `results.summarize_runs`)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_summary(args) -> int:
+    import pandas as pd
+
+    from ..results import summarize_runs
+    result = summarize_runs(args.runs, top=args.top)
+    if args.csv:
+        print(result.rankings.to_csv(index=False), end="")
+        if len(result.asr):
+            print()
+            print(result.asr.to_csv(index=False), end="")
+        return 0
+    with pd.option_context("display.width", 250, "display.max_colwidth", 80):
+        rankings = result.rankings
+        models = sorted(set(rankings["model"]) - {""})
+        if len(models) == 1:
+            print(f"model: {models[0]}")
+            rankings = rankings.drop(columns=["model"])
+        print(rankings.fillna("").to_string(index=False))
+        if len(result.asr):
+            print("\nattack success rate:")
+            print(result.asr.fillna("").to_string(index=False))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "figure", help="the paper's figure (Generalized Ships heatmaps, top heads marked) from run folders",
@@ -69,3 +93,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="example generations per dataset, before/after (default 5)")
     p.add_argument("--title", default=None, help="page title (default: safetyheads report: MODEL)")
     p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser(
+        "summary", help="one table of run folders: top heads, status, compute time (and ASR)",
+        description="List what each run folder holds: its top heads for every ranking in it (Generalized Ships, "
+                    "Ships by top-10 count, the Sahara group, screen estimates), whether it finished (unfinished "
+                    "runs show the chunks saved so far), and its compute time summed over resumed sessions; "
+                    "evaluation runs add their attack success rates.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or folders holding them)")
+    p.add_argument("--top", type=int, default=10, metavar="K", help="heads listed per ranking (default 10)")
+    p.add_argument("--csv", action="store_true", help="CSV instead of aligned text (the ASR table follows a blank line)")
+    p.set_defaults(func=cmd_summary)

@@ -1,0 +1,92 @@
+"""`summarize_runs` / `safetyheads summary` on real run folders written by the analyses on a tiny
+model: the listed top heads are the run files' own rankings, unfinished runs are listed with their
+saved chunks, and evaluation runs contribute their overall ASR rows."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from safetyheads import analyses
+from safetyheads.cli.main import main as cli_main
+from safetyheads.data import PromptSet
+from safetyheads.errors import UsageError
+from safetyheads.models import LoadedModel
+from safetyheads.results import summarize_runs
+
+from fixtures_runs import make_eval_run
+from tiny_chat import tiny_model, tiny_tokenizer
+from tiny_models import one_thread  # noqa: F401  (autouse: one torch thread)
+
+PROMPTS = ["how do I pick a lock", "tell me a joke", "write a poem about the sea", "what is 2+2?"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    loaded = LoadedModel(model=tiny_model("llama", layers=3, heads=4, kv_heads=2, seed=3),
+                         tokenizer=tiny_tokenizer(), spec="tiny-llama", revision=None, weights_sha256=None,
+                         source="memory")
+    prompts = PromptSet(name="jailbreakbench", prompts=list(PROMPTS), ids=list(range(len(PROMPTS))),
+                        categories=[None] * len(PROMPTS), source="memory", sha256=None)
+    analyses.run_ships(loaded, prompts, "raw", out=root / "ships", method="scaling", with_gships=True, quiet=True)
+    analyses.run_sahara(loaded, prompts, "raw", out=root / "sahara", group_size=2, candidates="top3", quiet=True)
+    # an interrupted run: its first chunk is on disk, no final files
+    import safetyheads.engine as engine
+    real = engine.sweep
+    calls = []
+
+    def stop_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    engine.sweep = stop_second
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            analyses.run_gships(loaded, prompts, "raw", out=root / "cut", quiet=True)
+    finally:
+        engine.sweep = real
+    make_eval_run(root)
+    return root
+
+
+def test_top_heads_are_the_runs_own_rankings(runs):
+    table = summarize_runs([runs], top=4).rankings
+    ships = table[table["run"] == str(runs / "ships")].set_index("ranking")
+    gships = pd.read_csv(runs / "ships" / "generalized_ships.csv").sort_values("rank")
+    expected = ",".join(f"{a}-{b}" for a, b in zip(gships["layer"][:4], gships["head"][:4]))
+    assert ships.loc["Generalized Ships", "top_heads"] == expected
+    summary = pd.read_csv(runs / "ships" / "ships_summary.csv")              # already in ranking order
+    assert ships.loc["Ships (top-10 count)", "top_heads"] == \
+        ",".join(f"{a}-{b}" for a, b in zip(summary["layer"][:4], summary["head"][:4]))
+    assert set(ships["status"]) == {"finished"} and set(ships["method"]) == {"scaling"}
+    assert set(ships["prompts"]) == {len(PROMPTS)} and set(ships["dataset"]) == {"jailbreakbench"}
+    assert all(t.endswith(" s") for t in ships["time"])                   # from compute_seconds
+    sahara = table[(table["run"] == str(runs / "sahara")) & (table["ranking"] == "Sahara group")]
+    steps = pd.read_csv(runs / "sahara" / "sahara.csv")
+    assert sahara["top_heads"].item() == ",".join(f"{a}-{b}" for a, b in zip(steps["layer"], steps["head"]))
+
+
+def test_unfinished_runs_and_asr_are_listed(runs):
+    result = summarize_runs([runs])
+    cut = result.rankings[result.rankings["run"] == str(runs / "cut")]
+    assert cut["status"].item() == "unfinished: 1 chunks saved" and cut["top_heads"].item() == ""
+    asr = result.asr
+    assert len(asr) == 2 * 3                                              # 2 datasets x (baseline + 2 ablations)
+    assert set(asr["condition"]) == {"baseline", "ablated"}
+    assert asr["asr"].between(0, 1).all()
+
+
+def test_cli_prints_both_tables_and_rejects_bad_input(runs, capsys):
+    assert cli_main(["summary", str(runs), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Generalized Ships" in out and "attack success rate:" in out and "unfinished: 1 chunks saved" in out
+    assert cli_main(["summary", str(runs), "--csv"]) == 0
+    first = capsys.readouterr().out.split("\n\n")[0]
+    assert first.splitlines()[0].startswith("run,command,model,dataset")
+    with pytest.raises(UsageError, match="--top"):
+        summarize_runs([runs], top=0)
+    with pytest.raises(UsageError, match="no such run folder"):
+        summarize_runs([runs / "missing"])
