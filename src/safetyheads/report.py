@@ -20,7 +20,8 @@ import pandas as pd
 from . import __version__
 from .errors import UsageError
 from .results import (
-    EvalRun, ScoresRun, Study, dataset_order, dataset_title, load_study, manifest_field, method_order, method_title,
+    EvalRun, ScoresRun, Study, dataset_order, dataset_title, format_duration, load_study, manifest_field, method_order,
+    method_title, run_seconds,
 )
 
 COLORSCALE = "RdBu_r"  # blue (low) to red (high), as in the paper figure
@@ -478,18 +479,16 @@ def _prompt_counts(manifest: dict) -> str:
 
 
 def _when(manifest: dict) -> str:
-    """"2026-11-29 15:47 (3.2 min)" from the manifest's ISO start and end times."""
-    started, finished = manifest.get("started"), manifest.get("finished")
+    """"2026-11-29 15:47 (3 min 12 s)": the manifest's start time and the run's compute time (summed
+    over resumed sessions, see `results.run_seconds`)."""
+    started = manifest.get("started")
     if not isinstance(started, str):
         return ""
     text = started[:16].replace("T", " ")
-    if not isinstance(finished, str):
+    if not isinstance(manifest.get("finished"), str):
         return f"{text} (unfinished)"
-    try:
-        seconds = (pd.Timestamp(finished) - pd.Timestamp(started)).total_seconds()
-    except (TypeError, ValueError):
-        return text
-    return f"{text} ({seconds / 60:.1f} min)" if seconds >= 60 else f"{text} ({seconds:.0f} s)"
+    seconds = run_seconds(manifest)
+    return text if seconds is None else f"{text} ({format_duration(seconds)})"
 
 
 def _section_manifests(paths: Sequence[tuple[Path, dict, str]]) -> str:
@@ -516,7 +515,7 @@ def _section_manifests(paths: Sequence[tuple[Path, dict, str]]) -> str:
             or "; ".join(f"{a.get('method')} {a.get('heads')}" for a in ablations if isinstance(a, dict)),
             "epsilon": str(manifest_field(manifest, "epsilon") or ""),
             "format": manifest_field(manifest, "format") or "",
-            "started (duration)": _when(manifest),
+            "started (compute time)": _when(manifest),
             "git": (str(git.get("commit", ""))[:10] + (" (dirty)" if git.get("dirty") else "")) if git else "",
             "versions": version_text,
         })

@@ -373,7 +373,7 @@ def load_study(paths: Iterable[str | Path]) -> Study:
 # ---------------------------------------------------------------- the `summary` table
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
     seconds = int(round(seconds))
@@ -382,7 +382,7 @@ def _duration(seconds: float | None) -> str:
     return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
 
 
-def _run_time(manifest: dict) -> float | None:
+def run_seconds(manifest: dict) -> float | None:
     """Compute time of a run: `compute_seconds` (summed over resumed sessions) when recorded, else the
     command's own timer, else started -> finished."""
     if isinstance(manifest.get("compute_seconds"), (int, float)):
@@ -424,7 +424,7 @@ def summarize_runs(paths: Iterable[str | Path], top: int = 5) -> RunsSummary:
         datasets = manifest.get("datasets") or []
         prompts = datasets[0].get("n") if len(datasets) == 1 and isinstance(datasets[0], dict) else None
         base = {"run": str(run), "command": manifest.get("command") or "", "status": _run_status(run, manifest),
-                "time": _duration(_run_time(manifest))}
+                "time": format_duration(run_seconds(manifest))}
         found = False
         for sr in load_scores_runs(run, manifest):
             info = {**base, "model": sr.model, "dataset": sr.dataset, "prompts": prompts, "method": sr.method}

@@ -90,3 +90,24 @@ def test_cli_prints_both_tables_and_rejects_bad_input(runs, capsys):
         summarize_runs([runs], top=0)
     with pytest.raises(UsageError, match="no such run folder"):
         summarize_runs([runs / "missing"])
+
+
+def test_time_of_a_resumed_run_is_its_compute_time_not_the_calendar_span(tmp_path):
+    """A run started, interrupted overnight and resumed: summary and report show compute_seconds."""
+    import json
+
+    from fixtures_runs import make_scores_run
+    from safetyheads.report import build_report
+
+    run, _ = make_scores_run(tmp_path, dataset="jailbreakbench", method="scaling")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.update(started="2026-11-28T20:00:00Z", resumed=["2026-11-29T09:00:00Z"],
+                    finished="2026-11-29T09:30:00Z", compute_seconds=3725.4)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    table = summarize_runs([run]).rankings
+    assert set(table["time"]) == {"1 h 02 min"}
+    html = build_report([run], tmp_path / "r.html").path.read_text()
+    assert "2026-11-28 20:00 (1 h 02 min)" in html
+    del manifest["compute_seconds"]                   # older manifests: the calendar span, as before
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert set(summarize_runs([run]).rankings["time"]) == {"13 h 30 min"}
