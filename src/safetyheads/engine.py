@@ -23,6 +23,7 @@ in the clean pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
@@ -312,6 +313,47 @@ class _PrefixKV:
         return torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)
 
 
+FEED_FORWARD_NAMES = ("mlp", "feed_forward", "block_sparse_moe")  # the position-wise block of a decoder layer
+
+
+@contextlib.contextmanager
+def _last_position_only(layer: nn.Module):
+    """Inside the final decoder layer only the last position's output is ever read (the KL and the
+    hidden state are taken there), and the feed-forward block is position-wise: run it on the last
+    position alone and return zeros for the others. That skips about 90% of the final layer's work
+    (~7% of a single-head sweep of a 24-layer model). The attention still sees every position's
+    keys and values. A block that returns more than a tensor (a mixture of experts with router
+    logits) is left to compute every position."""
+    block = next((getattr(layer, n) for n in FEED_FORWARD_NAMES if isinstance(getattr(layer, n, None), nn.Module)),
+                 None)
+    if block is None:
+        yield
+        return
+    own = block.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's device hooks) to restore
+    original = block.forward
+    whole = []  # set once the block turned out not to return a plain tensor
+
+    def forward(x: torch.Tensor, *args, **kwargs):
+        if whole or x.ndim != 3 or x.shape[1] == 1:
+            return original(x, *args, **kwargs)
+        last = original(x[:, -1:], *args, **kwargs)  # [rows, 1, D]
+        if not isinstance(last, torch.Tensor):
+            whole.append(True)
+            return original(x, *args, **kwargs)
+        out = last.new_zeros(*x.shape[:2], last.shape[-1])  # [rows, T, D]
+        out[:, -1:] = last
+        return out
+
+    block.forward = forward
+    try:
+        yield
+    finally:
+        if own is not None:
+            block.forward = own
+        else:
+            del block.forward
+
+
 def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], starts: list[int],
             method: str, epsilon: float, kv: _PrefixKV | None = None) -> torch.Tensor | None:
     """Run `configs` (sorted by start layer) over the group's prompts; -> [C*n, D] final-norm
@@ -337,8 +379,10 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
                 joined += k
             rows = hidden.shape[0]
             ablator.batch_rows = rows
-            out = layers[layer](hidden, *_for_replay(group.args[layer], n, rows, kv),
-                                **_for_replay(group.kwargs[layer], n, rows, kv))
+            last = layer == cache.n_layers - 1 and group.clean_logits is not None
+            with _last_position_only(layers[layer]) if last else contextlib.nullcontext():
+                out = layers[layer](hidden, *_for_replay(group.args[layer], n, rows, kv),
+                                    **_for_replay(group.kwargs[layer], n, rows, kv))
             hidden = out[0] if isinstance(out, (tuple, list)) else out
     if group.clean_logits is None:
         return None

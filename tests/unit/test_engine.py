@@ -140,3 +140,24 @@ def test_work_is_reported_chunk_by_chunk(model, share):
     expected = sum(LAYERS - min(layer for layer, _ in c) for c in CONFIGS if c) * len(PROMPT_LENGTHS)
     assert sum(told) == expected
     assert len(told) > 1 and all(n > 0 for n in told)
+
+
+def test_final_layer_feed_forward_runs_on_the_last_position_only(model, cache):
+    """Only the last position of the final layer is read, so its feed-forward block computes that
+    position alone (the results above still equal a full recompute); an instance-level forward
+    (accelerate's device hooks put one there) is restored afterwards."""
+    from safetyheads.ablation import decoder_layers
+
+    mlp = decoder_layers(model)[-1].mlp
+    linear = next(m for m in mlp.modules() if isinstance(m, torch.nn.Linear))
+    seen: list[int] = []
+    handle = linear.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    instance_forward = mlp.forward                                          # a bound method, stored on the instance
+    mlp.forward = instance_forward
+    try:
+        sweep(cache, [[(LAYERS - 1, 0)], [(0, 1)]], "scaling", want=("kl",), progress=False)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {1}
+    assert mlp.__dict__["forward"] is instance_forward
+    del mlp.forward
