@@ -14,7 +14,7 @@
 #   STEPS="scores sahara" scripts/acceptance.sh # only some steps
 #
 # Resumable: rerun after an interruption and every finished chunk is kept (each command gets --resume
-# once its folder exists). On a 2-core CPU step 1 takes about an hour per dataset and method; on one
+# once its folder exists); finished steps are skipped. On a 2-core CPU step 1 takes about an hour per dataset and method; on one
 # GPU minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,9 @@ mkdir -p "$RUNS"
 
 step() {  # step NAME FOLDER COMMAND...: run it (with --resume when FOLDER exists), log its wall time
   local name=$1 folder=$2; shift 2
+  if [[ -f "$folder/manifest.json" ]] && grep -q '"finished"' "$folder/manifest.json"; then
+    echo "$name: finished already in $folder (delete the folder to redo it)"; return
+  fi
   local resume=(); if [[ -f "$folder/manifest.json" ]]; then resume=(--resume); fi
   local start; start=$(date +%s)
   "$@" "${resume[@]}" --out "$folder"
