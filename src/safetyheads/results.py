@@ -423,8 +423,11 @@ def summarize_runs(paths: Iterable[str | Path], top: int = 5) -> RunsSummary:
         manifest = read_manifest(run)
         datasets = manifest.get("datasets") or []
         prompts = datasets[0].get("n") if len(datasets) == 1 and isinstance(datasets[0], dict) else None
+        time_text = format_duration(run_seconds(manifest))
+        if time_text and manifest.get("resumed") and "compute_seconds" not in manifest:
+            time_text += " (calendar span: resumed, no compute_seconds)"     # manifests from before compute_seconds
         base = {"run": str(run), "command": manifest.get("command") or "", "status": _run_status(run, manifest),
-                "time": format_duration(run_seconds(manifest))}
+                "time": time_text}
         found = False
         for sr in load_scores_runs(run, manifest):
             info = {**base, "model": sr.model, "dataset": sr.dataset, "prompts": prompts, "method": sr.method}
