@@ -206,7 +206,7 @@ class _WorkBar:
     An ablation that starts in layer l replays L - l layers, so an early-layer head costs up to L
     times more than a late one: a bar counting heads would give an ETA off by about 2x and sit
     still through a slow layer. This bar counts layer passes x prompts, moves after every sweep
-    chunk (the engine reports its work), and shows the heads done as a postfix. Work found on disk
+    chunk (the engine reports its work), and shows the heads done in its description. Work found on disk
     when resuming (or given to other ranks) counts as done before the clock starts, so it does not
     inflate the rate."""
 
@@ -232,14 +232,13 @@ class _WorkBar:
         self.label = label
         self.planned += planned
         if self.bar is None:
-            self.bar = tqdm(total=self.planned + later, initial=done, desc=self.desc, disable=self.disable,
-                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]",
-                            postfix=self._text())
+            self.bar = tqdm(total=self.planned + later, initial=done, desc=self._text(), disable=self.disable,
+                            dynamic_ncols=True, bar_format="{l_bar}{bar}| [{elapsed}<{remaining}]")
         else:
             self.bar.total = self.planned + later
             if done:
                 self.bar.update(done)
-        self._postfix()
+        self._describe()
 
     def advance(self, work: float) -> None:
         """Sweep work finished (negative after an out-of-memory retry)."""
@@ -248,14 +247,14 @@ class _WorkBar:
 
     def heads(self, n: int) -> None:
         self.heads_done += n
-        self._postfix()
+        self._describe()
 
     def _text(self) -> str:
-        return f"{self.heads_done}/{self.heads_total} {self.label}"
+        return f"{self.desc} ({self.heads_done}/{self.heads_total} {self.label})"
 
-    def _postfix(self) -> None:
+    def _describe(self) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(self._text(), refresh=True)
+            self.bar.set_description_str(self._text(), refresh=True)
 
     def __enter__(self) -> "_WorkBar":
         return self
