@@ -121,7 +121,9 @@ def draw_figure(
                        marker=style["marker"], markerfacecolor="none",
                        markeredgecolor=style.get("edgecolors", style.get("color")))
             )
-        ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.85, borderpad=0.4, handletextpad=0.3)
+        # below the axes: inside it, the legend hid marked heads in a corner
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncols=len(handles), fontsize=8,
+                  frameon=False, borderpad=0.2, handletextpad=0.3, columnspacing=1.2)
         ax.set_title(f"Top {top} Safety Heads on {dataset_title(dataset)}")
         ax.set_xlabel("Layer")
         ax.set_ylabel("Head")
