@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
+from .runs import RunDir
 
 SCORES_FILES = ("generalized_ships.csv", "ships_summary.csv", "sahara.csv")
 EVAL_FILES = ("asr.csv", "helpfulness.csv", "generations.jsonl")
@@ -402,8 +403,7 @@ def run_seconds(manifest: dict) -> float | None:
 def _run_status(run: Path, manifest: dict) -> str:
     if manifest.get("finished"):
         return "finished"
-    chunks = len(list((run / "chunks").glob("*.parquet"))) if (run / "chunks").is_dir() else 0
-    return f"unfinished: {chunks} chunks saved"
+    return f"unfinished: {len(RunDir(run, manifest).chunk_keys())} chunks saved"
 
 
 @dataclass
