@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -264,10 +264,26 @@ class _WorkBar:
             self.bar.close()
 
 
-def _plan(run, inputs: _Inputs, prefix: str, by_layer: dict[int, list[Head]], group: Sequence[Head] = ()) -> None:
-    """[scale-out] Share out the pending layer chunks among the ranks, by cost (a no-op in one process)."""
-    run.plan({f"{prefix}{layer:03d}": distributed.chunk_cost([list(group) + [h] for h in heads], inputs.n_layers)
+def _chunk_key(prefix: str, layer: int) -> str:
+    """The run-folder key of one layer's chunk, e.g. ships_L007 (sorted keys = layer order)."""
+    return f"{prefix}{layer:03d}"
+
+
+def _pending_chunks(run, inputs: _Inputs, bar: _WorkBar, prefix: str, by_layer: dict[int, list[Head]],
+                    group: Sequence[Head] = (), *, later: int = 0, label: str = "heads"
+                    ) -> Iterator[tuple[int, list[Head], str]]:
+    """The layer chunks of one sweep still to compute: each chunk ablates `group` + one head of
+    `by_layer[layer]`. Shares the chunks out among the ranks by cost ([scale-out]; a no-op in one
+    process), counts them all on the progress bar (saved ones as done), then yields
+    (layer, heads, chunk key) for each chunk not saved yet, in layer order."""
+    keys = {layer: _chunk_key(prefix, layer) for layer in by_layer}
+    run.plan({keys[layer]: distributed.chunk_cost([list(group) + [h] for h in heads], inputs.n_layers)
               for layer, heads in by_layer.items()})
+    bar.add([([list(group) + [h] for h in heads], run.chunk_done(keys[layer])) for layer, heads in by_layer.items()],
+            later=later, label=label)
+    for layer, heads in by_layer.items():
+        if not run.chunk_done(keys[layer]):
+            yield layer, heads, keys[layer]
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,19 +359,15 @@ def run_ships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = 
     cache = _clean_cache(inputs)
     gships = (scores.clean_subspace(cache.clean_hidden, rank, center=center), rank, center) if with_gships else None
     by_layer = _by_layer(inputs.heads)
-    _plan(run, inputs, "ships_L", by_layer)                              # [scale-out]
     with _WorkBar(f"ships {method}", quiet, inputs.n_layers, len(inputs.texts)) as bar:
-        bar.add([([[h] for h in hs], run.chunk_done(f"ships_L{layer:03d}")) for layer, hs in by_layer.items()])
-        for layer, layer_heads in by_layer.items():
-            key = f"ships_L{layer:03d}"
-            if not run.chunk_done(key):
-                table, gtable = _ships_chunk(cache, inputs, layer_heads, method, epsilon, smoothed, gships,
-                                             on_work=bar.advance)
-                if gtable is not None:
-                    # the gships chunk first: a ships chunk on disk means both are there
-                    run.write_chunk(f"gships_L{layer:03d}", gtable)
-                run.write_chunk(key, table)
-                bar.heads(len(layer_heads))
+        for layer, layer_heads, key in _pending_chunks(run, inputs, bar, "ships_L", by_layer):
+            table, gtable = _ships_chunk(cache, inputs, layer_heads, method, epsilon, smoothed, gships,
+                                         on_work=bar.advance)
+            if gtable is not None:
+                # the gships chunk first: a ships chunk on disk means both are there
+                run.write_chunk(_chunk_key("gships_L", layer), gtable)
+            run.write_chunk(key, table)
+            bar.heads(len(layer_heads))
     run.sync(cache)                                                      # [scale-out]
     table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
     table = table[scores.SHIPS_COLUMNS].reset_index(drop=True)
@@ -406,16 +418,12 @@ def run_gships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     cache = _clean_cache(inputs)
     clean_basis = scores.clean_subspace(cache.clean_hidden, rank, center=center)
     by_layer = _by_layer(inputs.heads)
-    _plan(run, inputs, "gships_L", by_layer)                             # [scale-out]
     with _WorkBar(f"gships {method}", quiet, inputs.n_layers, len(inputs.texts)) as bar:
-        bar.add([([[h] for h in hs], run.chunk_done(f"gships_L{layer:03d}")) for layer, hs in by_layer.items()])
-        for layer, layer_heads in by_layer.items():
-            key = f"gships_L{layer:03d}"
-            if not run.chunk_done(key):
-                values = _gships_scores(cache, [[h] for h in layer_heads], method, epsilon, clean_basis, rank, center,
-                                        on_work=bar.advance)
-                run.write_chunk(key, scores.gships_table(layer_heads, values, method)[["layer", "head", "method", "score"]])
-                bar.heads(len(layer_heads))
+        for layer, layer_heads, key in _pending_chunks(run, inputs, bar, "gships_L", by_layer):
+            values = _gships_scores(cache, [[h] for h in layer_heads], method, epsilon, clean_basis, rank, center,
+                                    on_work=bar.advance)
+            run.write_chunk(key, scores.gships_table(layer_heads, values, method)[["layer", "head", "method", "score"]])
+            bar.heads(len(layer_heads))
     run.sync(cache)                                                      # [scale-out]
     table = scores.rank_by_score(run.read_chunks("gships_"))
     run.write_table("generalized_ships", table)
@@ -498,26 +506,20 @@ def run_sahara(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     with _WorkBar(f"sahara {method}", quiet, inputs.n_layers, len(inputs.texts)) as bar:
         for step in range(1, group_size + 1):
             by_layer = _by_layer(remaining)
-            _plan(run, inputs, f"sahara_S{step:03d}_L", by_layer, group)  # [scale-out]
-            chunks = [([group + [h] for h in hs], run.chunk_done(f"sahara_S{step:03d}_L{layer:03d}"))
-                      for layer, hs in by_layer.items()]
             # the later steps' work is not known yet (it depends on this step's winner): estimate it
             # at this step's work per head
-            per_head = sum(bar.work(c) for c, _ in chunks) / max(1, len(remaining))
+            per_head = sum(bar.work([group + [h] for h in hs]) for hs in by_layer.values()) / max(1, len(remaining))
             later = int(per_head * sum(tried_at(s) for s in range(step + 1, group_size + 1)))
-            bar.add(chunks, later=later, label=f"heads tried (step {step}/{group_size})")
-            for layer, layer_heads in by_layer.items():
-                key = f"sahara_S{step:03d}_L{layer:03d}"
-                if not run.chunk_done(key):
-                    configs = [group + [h] for h in layer_heads]
-                    values = _gships_scores(cache, configs, method, epsilon, clean_basis, rank, center,
-                                            on_work=bar.advance)
-                    run.write_chunk(key, pd.DataFrame({
-                        "step": np.int64(step),
-                        "layer": np.array([h[0] for h in layer_heads], dtype=np.int64),
-                        "head": np.array([h[1] for h in layer_heads], dtype=np.int64),
-                        "score": values}))
-                    bar.heads(len(layer_heads))
+            for layer, layer_heads, key in _pending_chunks(run, inputs, bar, f"sahara_S{step:03d}_L", by_layer, group,
+                                                           later=later, label=f"heads tried (step {step}/{group_size})"):
+                values = _gships_scores(cache, [group + [h] for h in layer_heads], method, epsilon, clean_basis,
+                                        rank, center, on_work=bar.advance)
+                run.write_chunk(key, pd.DataFrame({
+                    "step": np.int64(step),
+                    "layer": np.array([h[0] for h in layer_heads], dtype=np.int64),
+                    "head": np.array([h[1] for h in layer_heads], dtype=np.int64),
+                    "score": values}))
+                bar.heads(len(layer_heads))
             run.sync(cache)                                              # [scale-out]
             step_scores = run.read_chunks(f"sahara_S{step:03d}_")
             ordered = step_scores.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable")
