@@ -94,6 +94,26 @@ def test_gships_ranking_matches_scipy_angles(loaded, prompts, tmp_path):
         assert got == pytest.approx(expected, abs=0.05)
 
 
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_ships_with_gships_equals_the_two_separate_runs(loaded, prompts, tmp_path, smoothed):
+    """The acceptance runs use one sweep for both scores (`ships --with-gships`): its files must be
+    those of `ships` and `gships` run apart (the smoothed path slices the sweep differently)."""
+    both = analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "both", method="undifferentiated",
+                              with_gships=True, rank=2, smoothed=smoothed, quiet=True)
+    ships = analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "ships", method="undifferentiated",
+                               smoothed=smoothed, quiet=True)
+    gships = analyses.run_gships(loaded, prompts, "raw", out=tmp_path / "g", method="undifferentiated", rank=2,
+                                 quiet=True)
+    pd.testing.assert_frame_equal(both.table, ships.table, rtol=1e-6)
+    pd.testing.assert_frame_equal(both.summary, ships.summary, rtol=1e-6)
+    combined = pd.read_csv(tmp_path / "both" / "generalized_ships.csv")
+    alone = pd.read_csv(tmp_path / "g" / "generalized_ships.csv")
+    assert len(combined) == N_LAYERS * N_HEADS
+    pd.testing.assert_frame_equal(combined, alone, rtol=1e-6)
+    manifest = json.loads((tmp_path / "both" / "manifest.json").read_text())
+    assert manifest["summary"]["gships_top_heads"] == [f"{a}-{b}" for a, b in zip(alone["layer"][:10], alone["head"][:10])]
+
+
 def test_sahara_greedy_steps(loaded, prompts, tmp_path):
     res = analyses.run_sahara(loaded, prompts, "raw", out=tmp_path / "s", method="scaling", group_size=2,
                               layers="1-2", quiet=True)
