@@ -19,6 +19,8 @@ _EXPORTS: dict[str, str] = {
     "Study": "results",
     "load_study": "results",
     "summarize_runs": "results",
+    "head_rankings": "results",
+    "ranking_agreement": "results",
     "paper_figure": "plots",
     "build_report": "report",
     "BUILTIN_MODELS": "models",

@@ -20,8 +20,8 @@ import pandas as pd
 from . import __version__
 from .errors import UsageError
 from .results import (
-    EvalRun, ScoresRun, Study, dataset_order, dataset_title, format_duration, load_study, manifest_field, method_order,
-    method_title, run_seconds,
+    EvalRun, ScoresRun, Study, dataset_order, dataset_title, format_duration, head_rankings, load_study, manifest_field,
+    method_order, method_title, ranking_agreement, run_seconds,
 )
 
 COLORSCALE = "RdBu_r"  # blue (low) to red (high), as in the paper figure
@@ -170,11 +170,7 @@ def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[Sco
     for run in _paper_order(scores):
         if run.summary is None:
             continue
-        summ = run.summary
-        sort_cols = [c for c in ("top10_count", "mean") if c in summ]
-        if sort_cols:
-            summ = summ.sort_values(sort_cols, ascending=False, kind="stable")
-        summ = summ.head(top)
+        summ = run.ships_ranking().head(top)
         shown = pd.DataFrame({"head": [f"{l}-{h}" for l, h in zip(summ["layer"], summ["head"])]})
         for col in ("mean", "median", "top10_count"):
             if col in summ:
@@ -185,6 +181,22 @@ def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[Sco
             f"10 highest.</p>{_table(shown)}"
         )
     return "".join(parts) or _note("No rankings: no generalized_ships.csv or ships_summary.csv in the runs.")
+
+
+def _section_agreement(scores: list[ScoresRun], top: int) -> str:
+    """How far the rankings agree: across datasets, across the two ablations, Ships vs Generalized Ships."""
+    pairs = ranking_agreement(head_rankings(scores), top=top)
+    if not len(pairs):
+        return _note("Fewer than two rankings of one model in the runs: nothing to compare.")
+    table = pd.DataFrame({
+        "ranking A": pairs["a"], "ranking B": pairs["b"], "heads in both": pairs["heads"],
+        "Spearman": pairs["spearman"],
+        f"top-{top} overlap": [f"{n}/{k}" for n, k in zip(pairs["top_overlap"], pairs["top"])],
+        f"heads in both top {top}": pairs["shared_top"],
+    })
+    return ("<p class='small'>Spearman: rank correlation of the two scores over the heads both rankings scored "
+            "(Ships: mean KL). Overlap: heads in both top-K lists, in ranking A's order.</p>"
+            f"<div class='wide'>{_table(table, floatfmt='{:.3f}')}</div>")
 
 
 def _section_sahara(page: _Page, scores: list[ScoresRun]) -> str:
@@ -559,6 +571,7 @@ def render_report(study: Study, *, top: int = 10, examples: int = 5, title: str 
     sections = [
         ("heatmaps", "Generalized Ships heatmaps", _section_heatmaps(page, grouped, top)),
         ("rankings", "Rankings", _section_rankings(grouped, study.scores, top)),
+        ("agreement", "Agreement between rankings", _section_agreement(study.scores, top)),
         ("sahara", "Sahara: greedy head-group search", _section_sahara(page, study.scores)),
         ("asr", "Attack success rate, before and after", _section_asr(page, study.evals)),
         ("helpfulness", "Helpfulness", _section_helpfulness(page, study.evals)),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -183,6 +183,15 @@ class ScoresRun:
         if self.gships is None:
             return pd.DataFrame(columns=["layer", "head", "score", "rank"])
         return self.gships.sort_values("rank", kind="stable").head(k)
+
+    def ships_ranking(self) -> pd.DataFrame | None:
+        """Ships per head, best first: most prompts with the head among their 10 highest, then the
+        highest mean KL (the order of ships_summary.csv)."""
+        if self.summary is None:
+            return None
+        if {"top10_count", "mean"} <= set(self.summary.columns):
+            return self.summary.sort_values(["top10_count", "mean"], ascending=False, kind="stable")
+        return self.summary
 
 
 @dataclass
@@ -410,15 +419,17 @@ def _run_status(run: Path, manifest: dict) -> str:
 class RunsSummary:
     rankings: pd.DataFrame  # run, command, model, dataset, prompts, method, status, time, ranking, top_heads
     asr: pd.DataFrame  # run, dataset, condition, method, heads, judge, n, asr (all categories together)
+    agreement: pd.DataFrame  # ranking_agreement's pairs when asked for, else empty
 
 
-def summarize_runs(paths: Iterable[str | Path], top: int = 5) -> RunsSummary:
+def summarize_runs(paths: Iterable[str | Path], top: int = 5, agreement: bool = False) -> RunsSummary:
     """What each run folder holds, in one table: its top `top` heads per ranking (Generalized Ships,
     Ships by top-10 count, the Sahara group, a screen's estimate), whether it finished, and its compute
-    time; plus the ASR rows of evaluation runs. Unfinished runs are listed too, with what is on disk."""
+    time; plus the ASR rows of evaluation runs. Unfinished runs are listed too, with what is on disk.
+    `agreement` adds `ranking_agreement` over every exact ranking found (top `top` overlap)."""
     if top < 1:
         raise UsageError(f"--top must be at least 1 (got {top})")
-    rows, asr_rows = [], []
+    rows, asr_rows, all_scores = [], [], []
     for run in find_run_dirs(paths):
         manifest = read_manifest(run)
         datasets = manifest.get("datasets") or []
@@ -430,13 +441,13 @@ def summarize_runs(paths: Iterable[str | Path], top: int = 5) -> RunsSummary:
                 "time": time_text}
         found = False
         for sr in load_scores_runs(run, manifest):
+            all_scores.append(sr)
             info = {**base, "model": sr.model, "dataset": sr.dataset, "prompts": prompts, "method": sr.method}
             rankings = []
             if sr.gships is not None:
                 rankings.append(("Generalized Ships", format_heads(sr.top(top)[["layer", "head"]].to_numpy())))
             if sr.summary is not None:
-                ordered = sr.summary.sort_values(["top10_count", "mean"], ascending=False, kind="stable") \
-                    if {"top10_count", "mean"} <= set(sr.summary.columns) else sr.summary
+                ordered = sr.ships_ranking()
                 rankings.append(("Ships (top-10 count)", format_heads(ordered.head(top)[["layer", "head"]].to_numpy())))
             if sr.sahara is not None:
                 rankings.append(("Sahara group", format_heads(sr.sahara.sort_values("step")[["layer", "head"]].to_numpy())))
@@ -463,4 +474,70 @@ def summarize_runs(paths: Iterable[str | Path], top: int = 5) -> RunsSummary:
                          "top_heads": ""})
     columns = ["run", "command", "model", "dataset", "prompts", "method", "status", "time", "ranking", "top_heads"]
     asr_columns = ["run", "dataset", "condition", "method", "heads", "judge", "n", "asr"]
-    return RunsSummary(pd.DataFrame(rows, columns=columns), pd.DataFrame(asr_rows, columns=asr_columns))
+    pairs = ranking_agreement(head_rankings(all_scores), top=top) if agreement else ranking_agreement([], top=top)
+    return RunsSummary(pd.DataFrame(rows, columns=columns), pd.DataFrame(asr_rows, columns=asr_columns), pairs)
+
+
+# ---------------------------------------------------------------- agreement between rankings
+# Are the safety heads the same across datasets, across the two ablations, and between Ships and
+# Generalized Ships? The paper argues they are shared; these numbers let a reader check it.
+
+
+@dataclass
+class Ranking:
+    """One head ranking from a run folder, best head first."""
+
+    label: str  # e.g. "JailbreakBench, Scaling Contribution: Generalized Ships"
+    model: str
+    heads: pd.DataFrame  # layer, head, score: the score Spearman compares (best first)
+
+
+def head_rankings(scores: Sequence[ScoresRun]) -> list[Ranking]:
+    """The exact rankings in the runs, in paper order (dataset, then method): Generalized Ships
+    (by score) and Ships (by top-10 count, then mean KL; its Spearman uses the mean KL, since counts
+    tie). Screen estimates and Sahara groups are not rankings of every head and are left out. Two
+    runs with the same dataset and method are told apart by their folder names."""
+    datasets = dataset_order(r.dataset for r in scores)
+    methods = method_order(r.method for r in scores)
+    out: list[Ranking] = []
+    seen: set[str] = set()
+    for run in sorted(scores, key=lambda r: (datasets.index(r.dataset), methods.index(r.method))):
+        candidates = []
+        if run.gships is not None:
+            candidates.append(("Generalized Ships", run.top(len(run.gships))[["layer", "head", "score"]]))
+        ships = run.ships_ranking()
+        if ships is not None and "mean" in ships.columns:
+            candidates.append(("Ships", ships[["layer", "head", "mean"]].rename(columns={"mean": "score"})))
+        for kind, table in candidates:
+            label = f"{dataset_title(run.dataset)}, {method_title(run.method)}: {kind}"
+            if label in seen:
+                label += f" ({run.path.name})"
+            seen.add(label)
+            out.append(Ranking(label, run.model, table.reset_index(drop=True)))
+    return out
+
+
+def ranking_agreement(rankings: Sequence[Ranking], top: int = 10) -> pd.DataFrame:
+    """For every pair of rankings of the same model: how many heads both scored, the Spearman
+    correlation of their scores over those heads (NaN under 3 heads), and the heads in both top
+    `top` lists (listed in the first ranking's order)."""
+    from scipy.stats import spearmanr
+
+    if top < 1:
+        raise UsageError(f"--top must be at least 1 (got {top})")
+    rows = []
+    for i, a in enumerate(rankings):
+        for b in rankings[i + 1:]:
+            if a.model != b.model:
+                continue
+            both = a.heads.merge(b.heads, on=["layer", "head"], suffixes=("_a", "_b"))
+            rho = float("nan")
+            if len(both) >= 3 and both["score_a"].nunique() > 1 and both["score_b"].nunique() > 1:
+                rho = float(spearmanr(both["score_a"], both["score_b"]).statistic)
+            top_a = [tuple(h) for h in a.heads[["layer", "head"]].head(top).to_numpy().tolist()]
+            top_b = {tuple(h) for h in b.heads[["layer", "head"]].head(top).to_numpy().tolist()}
+            shared = [h for h in top_a if h in top_b]
+            rows.append({"a": a.label, "b": b.label, "model": a.model, "heads": len(both), "spearman": rho,
+                         "top_overlap": len(shared), "top": min(top, len(a.heads), len(b.heads)),
+                         "shared_top": format_heads(shared)})
+    return pd.DataFrame(rows, columns=["a", "b", "model", "heads", "spearman", "top_overlap", "top", "shared_top"])

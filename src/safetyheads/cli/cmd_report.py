@@ -43,12 +43,13 @@ def cmd_summary(args) -> int:
     import pandas as pd
 
     from ..results import summarize_runs
-    result = summarize_runs(args.runs, top=args.top)
+    result = summarize_runs(args.runs, top=args.top, agreement=args.agreement)
     if args.csv:
         print(result.rankings.to_csv(index=False), end="")
-        if len(result.asr):
-            print()
-            print(result.asr.to_csv(index=False), end="")
+        for extra in (result.asr, result.agreement):
+            if len(extra):
+                print()
+                print(extra.to_csv(index=False), end="")
         return 0
     with pd.option_context("display.width", 250, "display.max_colwidth", 80):
         rankings = result.rankings
@@ -60,6 +61,10 @@ def cmd_summary(args) -> int:
         if len(result.asr):
             print("\nattack success rate:")
             print(result.asr.fillna("").to_string(index=False))
+        if len(result.agreement):
+            print(f"\nagreement between rankings (Spearman over the heads both scored; heads in both top {args.top}):")
+            shown = result.agreement.drop(columns=["model"] if len(models) == 1 else [])
+            print(shown.to_string(index=False, float_format="{:.3f}".format))
     return 0
 
 
@@ -103,5 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or folders holding them)")
     p.add_argument("--top", type=int, default=10, metavar="K", help="heads listed per ranking (default 10)")
-    p.add_argument("--csv", action="store_true", help="CSV instead of aligned text (the ASR table follows a blank line)")
+    p.add_argument("--csv", action="store_true",
+                   help="CSV instead of aligned text (the ASR and agreement tables follow, each after a blank line)")
+    p.add_argument("--agreement", action="store_true",
+                   help="also compare every pair of exact rankings of one model (datasets, ablations, Ships vs "
+                        "Generalized Ships): Spearman and top-K overlap")
     p.set_defaults(func=cmd_summary)
