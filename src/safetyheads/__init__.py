@@ -21,6 +21,8 @@ _EXPORTS: dict[str, str] = {
     "summarize_runs": "results",
     "head_rankings": "results",
     "ranking_agreement": "results",
+    "compare_runs": "reproduce",
+    "rerun": "reproduce",
     "paper_figure": "plots",
     "build_report": "report",
     "BUILTIN_MODELS": "models",

@@ -14,6 +14,8 @@ contrast, span any pause between sessions.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as _dt
 import json
 import math
@@ -23,7 +25,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +37,22 @@ CHUNKS = "chunks"
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
 _PACKAGES = ("safetyheads", "torch", "transformers", "accelerate", "gguf", "safetensors", "tokenizers", "numpy",
              "pandas", "pyarrow", "scipy")
+
+
+# The command line being run, set by the CLI's main() for the duration of one command (None under the
+# Python API). The manifest records it as `argv` (with the working folder) for `safetyheads rerun`;
+# sys.argv would be wrong there: under the API it holds a notebook's or a test runner's arguments.
+_CLI_ARGV: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("safetyheads_cli_argv", default=None)
+
+
+@contextlib.contextmanager
+def cli_invocation(argv: list[str]):
+    """Mark the code run inside as the CLI command `safetyheads ARGV...` (see `_CLI_ARGV`)."""
+    token = _CLI_ARGV.set(list(argv))
+    try:
+        yield
+    finally:
+        _CLI_ARGV.reset(token)
 
 
 def _now() -> str:
@@ -214,7 +231,8 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         manifest = {
             "command": command,
-            "argv": sys.argv[1:] if command is not None else None,
+            "argv": _CLI_ARGV.get(),
+            "cwd": os.getcwd(),
             "config": config,
             "model": model.describe() if hasattr(model, "describe") else model,
             "datasets": _describe_all(datasets),

@@ -16,7 +16,8 @@ COMMAND_MODULES = [
     "safetyheads.cli.cmd_scores",    # ships, gships, sahara
     "safetyheads.cli.cmd_screen",    # screen: gradient estimates (+ exact top K)
     "safetyheads.cli.cmd_evaluate",  # evaluate
-    "safetyheads.cli.cmd_report",    # figure, report
+    "safetyheads.cli.cmd_report",    # figure, report, summary
+    "safetyheads.cli.cmd_reproduce", # rerun, compare
     "safetyheads.cli.cmd_demo",      # demo: the whole method end to end
 ]
 
@@ -44,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    from ..runs import cli_invocation
+
     try:
-        result = args.func(args)
+        with cli_invocation(sys.argv[1:] if argv is None else argv):
+            result = args.func(args)
     except SafetyHeadsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
