@@ -214,6 +214,9 @@ def rerun(run: str | Path, out: str | Path, *, rtol: float = 1e-4, atol: float =
     run, out = Path(run).resolve(), Path(out).resolve()
     manifest = _read_manifest(run)
     argv = manifest.get("argv")
+    if not argv and manifest.get("part_of_command"):
+        raise UsageError(f"{run} was written as one part of `safetyheads {' '.join(manifest['part_of_command'])}`: "
+                         "rerun that command")
     if not argv:
         raise UsageError(f"{run} was written through the Python API (no command line in its manifest): call the "
                          "same function with manifest['config'] to reproduce it")

@@ -55,6 +55,29 @@ def cli_invocation(argv: list[str]):
         _CLI_ARGV.reset(token)
 
 
+def argv_out(argv: list[str]) -> str | None:
+    """The value of `--out` in a command line (None when it has none)."""
+    for i, arg in enumerate(argv):
+        if arg == "--out" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--out="):
+            return arg[len("--out="):]
+    return None
+
+
+def _command_line_of(path: Path) -> tuple[list[str] | None, list[str] | None]:
+    """(argv, part_of) for a run opened at `path`: the CLI command line when this folder is its --out (so
+    replaying it with another --out reproduces the run), else None and the command that made the run as
+    one part of its work (e.g. `safetyheads demo`, whose runs live in sub-folders of its --out)."""
+    argv = _CLI_ARGV.get()
+    if not argv:
+        return None, None
+    out = argv_out(argv)
+    if out is not None and Path(out).expanduser().resolve() == path.resolve():
+        return list(argv), None
+    return None, list(argv)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -229,9 +252,11 @@ class RunDir:
                 what = "the same run" if same else "a different run"
                 raise UsageError(f"{path} already holds {what}; pass --resume to continue it or --force to replace it")
         path.mkdir(parents=True, exist_ok=True)
+        argv, part_of = _command_line_of(path)
         manifest = {
             "command": command,
-            "argv": _CLI_ARGV.get(),
+            "argv": argv,
+            **({"part_of_command": part_of} if part_of else {}),
             "cwd": os.getcwd(),
             "config": config,
             "model": model.describe() if hasattr(model, "describe") else model,

@@ -49,6 +49,15 @@ def test_manifest_records_the_command_line_the_cli_ran(project, tmp_path):
     assert json.loads((tmp_path / "api" / "manifest.json").read_text())["argv"] is None
     with pytest.raises(UsageError, match="Python API"):
         rerun(tmp_path / "api", tmp_path / "again")
+    # a run made as one part of a bigger command (as `demo` does, in sub-folders of its --out) is not
+    # replayable on its own: its manifest names the command instead
+    from safetyheads.runs import cli_invocation
+    with cli_invocation(["demo", "--out", str(tmp_path / "demo")]):
+        analyses.run_gships(loaded, prompts, "raw", out=tmp_path / "demo" / "gships", quiet=True)
+    manifest = json.loads((tmp_path / "demo" / "gships" / "manifest.json").read_text())
+    assert manifest["argv"] is None and manifest["part_of_command"] == ["demo", "--out", str(tmp_path / "demo")]
+    with pytest.raises(UsageError, match="one part of `safetyheads demo"):
+        rerun(tmp_path / "demo" / "gships", tmp_path / "again")
 
 
 def test_rerun_from_another_folder_reproduces_every_file(project, tmp_path, monkeypatch, capsys):
