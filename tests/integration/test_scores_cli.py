@@ -73,6 +73,11 @@ def test_gships_and_sahara_outputs(tmp_path, capsys):
     steps = pd.read_csv(s / "sahara.csv")
     assert list(steps.columns) == ["step", "layer", "head", "score"] and len(steps) == 2
     assert "group: 29-" in capsys.readouterr().out
+    # both runs are reproduced from their manifests alone, bit for bit on the same machine
+    from safetyheads.reproduce import rerun
+    for run in (out, s):
+        again = rerun(run, tmp_path / f"{run.name}-again", quiet=True)
+        assert again.ok and again.files["status"].eq("identical").all(), again.files
 
 
 @pytest.mark.parametrize("argv, message", [
