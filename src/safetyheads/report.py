@@ -535,7 +535,9 @@ def _section_manifests(paths: Sequence[tuple[Path, dict, str]]) -> str:
                        f"<pre>{_e(json.dumps(manifest, indent=2, sort_keys=True, default=str))}</pre></details>")
     table = pd.DataFrame(rows)
     parents = sorted({str(p.parent) for p, _, _ in paths})
-    intro = f"<p class='small'>Run folders in: {_e(', '.join(parents))}</p>"
+    intro = (f"<p class='small'>Run folders in: {_e(', '.join(parents))}. A run started from the command line "
+             "records it (<code>argv</code> below); <code>safetyheads rerun RUN_DIR --out NEW_DIR</code> replays it "
+             "and compares every result file.</p>")
     if table["versions"].nunique() == 1:  # the usual case: say it once
         intro += f"<p class='small'>Package versions: {_e(table['versions'].iloc[0])}</p>"
         table = table.drop(columns="versions")
