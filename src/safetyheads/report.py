@@ -21,7 +21,7 @@ from . import __version__
 from .errors import UsageError
 from .results import (
     EvalRun, ScoresRun, Study, dataset_order, dataset_title, format_duration, head_rankings, load_study, manifest_field,
-    method_order, method_title, ranking_agreement, run_seconds,
+    method_title, paper_order, ranking_agreement, run_seconds,
 )
 
 COLORSCALE = "RdBu_r"  # blue (low) to red (high), as in the paper figure
@@ -151,12 +151,6 @@ def _section_heatmaps(page: _Page, grouped: dict[str, dict[str, ScoresRun]], top
     return "".join(parts)
 
 
-def _paper_order(scores: list[ScoresRun]) -> list[ScoresRun]:
-    datasets = dataset_order(r.dataset for r in scores)
-    methods = method_order(r.method for r in scores)
-    return sorted(scores, key=lambda r: (datasets.index(r.dataset), methods.index(r.method)))
-
-
 def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[ScoresRun], top: int) -> str:
     parts = []
     for dataset, runs in grouped.items():
@@ -167,7 +161,7 @@ def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[Sco
             table[f"{method_title(method)}: head"] = pd.Series(heads, dtype=object)
             table[f"{method_title(method)}: Generalized Ships"] = best["score"]
         parts.append(f"<h3>{_e(dataset_title(dataset))}: Generalized Ships, top {top}</h3>{_table(table)}")
-    for run in _paper_order(scores):
+    for run in paper_order(scores):
         if run.summary is None:
             continue
         summ = run.ships_ranking().head(top)
@@ -202,7 +196,7 @@ def _section_agreement(scores: list[ScoresRun], top: int) -> str:
 def _section_sahara(page: _Page, scores: list[ScoresRun]) -> str:
     import plotly.graph_objects as go
 
-    runs = [r for r in _paper_order(scores) if r.sahara is not None and len(r.sahara)]
+    runs = [r for r in paper_order(scores) if r.sahara is not None and len(r.sahara)]
     if not runs:
         page.notes.append("no sahara.csv in the runs: Sahara section skipped")
         return _note("No Sahara results (sahara.csv) in the given runs.")
@@ -232,7 +226,7 @@ def _section_screen(page: _Page, scores: list[ScoresRun], grouped: dict[str, dic
     where the report also has an exact run for the same dataset and method."""
     from scipy.stats import spearmanr
 
-    runs = _paper_order(_screened(scores))
+    runs = paper_order(_screened(scores))
     parts = ["<p class='small'>First-order (Generalized Ships) or Fisher (Ships) estimates from a few backward "
              "passes; they rank heads for an exact check and are not scores themselves.</p>"]
     for run in runs:

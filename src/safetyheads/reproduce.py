@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
+from .results import read_manifest
 from .runs import MANIFEST
 
 # Columns that identify a row (never compared with a tolerance; rows are matched on them).
@@ -49,13 +50,11 @@ class Comparison:
 
 
 def _read_manifest(run: Path) -> dict:
-    path = run / MANIFEST
-    if not path.is_file():
+    """The manifest of a run folder; a folder without one is an error here (results.read_manifest,
+    which parses it, tolerates it for display)."""
+    if not (run / MANIFEST).is_file():
         raise UsageError(f"{run} is not a run folder (no {MANIFEST})")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise UsageError(f"{path} is not valid JSON: {exc}") from None
+    return read_manifest(run)
 
 
 def _result_files(run: Path) -> list[str]:
@@ -126,18 +125,17 @@ def _provenance(a: dict, b: dict) -> pd.DataFrame:
         "machine": ("machine", "platform"),
         "gpus": ("machine", "gpus"),
     }
-    rows = [{"field": name, "a": get(a, *path), "b": get(b, *path)} for name, path in fields.items()]
+    pairs = [(name, get(a, *path), get(b, *path)) for name, path in fields.items()]
     for name in sorted(set((a.get("versions") or {})) | set((b.get("versions") or {}))):
-        rows.append({"field": f"version: {name}", "a": get(a, "versions", name), "b": get(b, "versions", name)})
+        pairs.append((f"version: {name}", get(a, "versions", name), get(b, "versions", name)))
     da, db = a.get("datasets") or [], b.get("datasets") or []
     for i in range(max(len(da), len(db))):
         pick = lambda d: d[i].get("sha256") if i < len(d) and isinstance(d[i], dict) else None  # noqa: E731
-        rows.append({"field": f"dataset {i + 1} sha256", "a": pick(da), "b": pick(db)})
-    rows.append({"field": "config", "a": "(same)" if a.get("config") == b.get("config") else "(differs)",
-                 "b": "", "same": a.get("config") == b.get("config")})
-    df = pd.DataFrame(rows, columns=["field", "a", "b", "same"])
-    df["same"] = [r["same"] if isinstance(r["same"], bool) else r["a"] == r["b"] for r in df.to_dict("records")]
-    return df
+        pairs.append((f"dataset {i + 1} sha256", pick(da), pick(db)))
+    rows = [{"field": name, "a": va, "b": vb, "same": va == vb} for name, va, vb in pairs]
+    same_config = a.get("config") == b.get("config")   # too long to show: say whether it is the same
+    rows.append({"field": "config", "a": "(same)" if same_config else "(differs)", "b": "", "same": same_config})
+    return pd.DataFrame(rows, columns=["field", "a", "b", "same"])
 
 
 def compare_runs(a: str | Path, b: str | Path, *, rtol: float = 1e-4, atol: float = 1e-6) -> Comparison:
@@ -224,9 +222,8 @@ def rerun(run: str | Path, out: str | Path, *, rtol: float = 1e-4, atol: float =
         raise UsageError(f"{run} did not finish: resume it first (its command with --resume)")
     if out == run:
         raise UsageError("--out must be a new folder, not the run being reproduced")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsageError(f"{out} is not empty; pass --force to replace it")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out} is not empty; pass --force to replace it")
     command = _replace_out(argv, str(out))
     if force and out.exists():
         command.append("--force")

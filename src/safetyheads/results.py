@@ -74,6 +74,14 @@ def format_heads(heads: Any) -> str:
     return ",".join(parts)
 
 
+def paper_order(scores: Iterable[ScoresRun]) -> list[ScoresRun]:
+    """Scores runs sorted by dataset, then method, in the paper's order (others alphabetically)."""
+    scores = list(scores)
+    datasets = dataset_order(r.dataset for r in scores)
+    methods = method_order(r.method for r in scores)
+    return sorted(scores, key=lambda r: (datasets.index(r.dataset), methods.index(r.method)))
+
+
 # ---------------------------------------------------------------- manifest look-ups
 
 _MODEL_KEYS = ("spec", "name", "id", "model", "path")
@@ -497,11 +505,9 @@ def head_rankings(scores: Sequence[ScoresRun]) -> list[Ranking]:
     (by score) and Ships (by top-10 count, then mean KL; its Spearman uses the mean KL, since counts
     tie). Screen estimates and Sahara groups are not rankings of every head and are left out. Two
     runs with the same dataset and method are told apart by their folder names."""
-    datasets = dataset_order(r.dataset for r in scores)
-    methods = method_order(r.method for r in scores)
     out: list[Ranking] = []
     seen: set[str] = set()
-    for run in sorted(scores, key=lambda r: (datasets.index(r.dataset), methods.index(r.method))):
+    for run in paper_order(scores):
         candidates = []
         if run.gships is not None:
             candidates.append(("Generalized Ships", run.top(len(run.gships))[["layer", "head", "score"]]))
