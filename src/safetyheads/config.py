@@ -20,6 +20,10 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 # Fisher eigen-probes of the Ships screen (screen.py; here so the CLI's --help needs no torch):
 # 8 put 9-10 of the exact top 10 in the screen's top 40 in benchmarks/screen_vs_exact.md, 1 puts 8-9.
 SCREEN_PROBES = 8
+# Extra backward passes of the Generalized Ships screen for the second term of the subspace rotation
+# (screen.SubspaceProbes): the largest 2 singular directions beyond the rank exactly, 2 random-sign probes
+# for the rest. Up to 4 + rank prompts this is the complete first-order formula.
+SUBSPACE_PROBES = 4
 
 T = TypeVar("T")
 

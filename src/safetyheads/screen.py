@@ -27,10 +27,10 @@ Two facts make it work:
    * Generalized Ships (rank R): the stacked hidden states M = U S Vᵀ (P×D). To first order the
      top-R left singular subspace moves by T_ji = σ_i u_jᵀ ΔM v_i / (σ_i² − σ_j²) (j > R, i ≤ R),
      so the sum of principal angles ≈ the nuclear norm of T (sin θ ≈ θ). u_jᵀ ΔM v_i needs only
-     v_iᵀΔĥ_p for every prompt p: R backward passes with probe v_i. The neglected term
-     σ_j u_iᵀ ΔM v_j (which would need one pass per j) is small when σ_j ≪ σ_i, as for the
-     uncentred M of the paper (its first singular value is the shared mean direction);
-     with `center=True` it is not, and the estimate is rougher (measured in the benchmark).
+     v_iᵀΔĥ_p for every prompt p: R backward passes with probe v_i. The second term of T,
+     σ_j u_iᵀ ΔM v_j, is NOT small in general (for a shift every prompt shares, ΔM = 1δᵀ, it is
+     all of T): the largest σ_j get one backward pass each, the rest an unbiased random-sign
+     sketch (`SubspaceProbes`), `subspace_probes` extra passes in all.
 
 What it cannot see: anything beyond first order in Δo. Ablations are large perturbations, so the
 scores are *estimates* for ranking; `auto` mode (`auto_scores`) recomputes the top K exactly.
@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from . import ablation
 from .config import SCREEN_PROBES as DEFAULT_PROBES
+from .config import SUBSPACE_PROBES as DEFAULT_SUBSPACE_PROBES
 from .errors import UsageError
 
 Head = tuple[int, int]
@@ -84,6 +85,8 @@ class ScreenResult:
     rank: int = 1
     center: bool = False
     probes: int = 0
+    subspace_exact: int = 0   # gships: directions j ≥ R probed exactly (second term of the rotation)
+    subspace_random: int = 0  # gships: random-sign probes of the remaining j (backward passes)
     n_forward: int = 0
     n_backward: int = 0
     seconds: float = 0.0
@@ -246,29 +249,105 @@ def fisher_probes(model: nn.Module, h: torch.Tensor, probes: int, tokens: int = 
     return q, captured.clamp(max=1.0), logp
 
 
-def _subspace_perturbation(y: torch.Tensor, u_full: torch.Tensor, sv: torch.Tensor, rank: int) -> torch.Tensor:
-    """First-order sum of principal angles (degrees) for every head.
+@dataclass
+class SubspaceProbes:
+    """Backward-pass directions that measure the first-order rotation of the clean top-R left
+    singular subspace of M = U S Vᵀ ([P, D], prompts × hidden) for every head at once.
 
-    y: [N, P, L, H] = v_nᵀ Δĥ_p for the first N right singular vectors of M (N = rank: the
-    σ_j ≪ σ_i shortcut; N = P: the complete first-order formula). u_full: [P, P] left singular
-    vectors of M; sv: [P] its singular values (zero-padded). Returns [L, H] float64.
+    The rotation of u_i (i < R) towards u_j (j ≥ R) is T_ji = (σ_i u_jᵀΔM v_i + σ_j u_iᵀΔM v_j) /
+    (σ_i² − σ_j²). The first term needs v_iᵀΔĥ_p for every prompt: one backward pass per i. The
+    second term is NOT negligible in general: for a shift shared by every prompt (ΔM = 1δᵀ) the
+    first term vanishes (u_j ⊥ u_1 ≈ 1/√P) while the second is ≈ √P σ_j δᵀv_j. It needs u_iᵀΔM v_j
+    for every j: the `exact` indices (largest σ_j, which weigh most) get a backward pass with
+    probe v_j each; the remaining `tail` is sketched with K Rademacher probes per i,
+    z_ik = Σ_{j∈tail} s_jk c_ji v_j (c_ji = σ_j / (σ_i² − σ_j²)), whose measurement
+    y_ik = Σ_p u_i[p] z_ikᵀΔĥ_p = Σ_j s_jk B_ji has E[y_ik y_i'k] = Σ_j B_ji B_ji' and
+    E[y_ik Σ_j s_jk A_ji'] = Σ_j B_ji A_ji': an unbiased estimate of TᵀT (and so of ‖T‖²_F).
+    With rank 1 the angle is ‖T‖_F; with rank R it is the nuclear norm, Σ √eig(TᵀT).
+
+    directions: [N, D] float64 in the order v_0..v_{R-1}, v_j (j in exact), z_ik (i-major).
     """
-    n_dirs, n_prompts = y.shape[0], y.shape[1]
-    coef = torch.einsum("pj,np...->jn...", u_full, y)  # [P, N, L, H]: coef[j, n] = u_jᵀ ΔM v_n
-    s_i = sv[:rank]  # [R]
-    s_j = sv[rank:n_prompts]  # [P-R]
-    if s_j.numel() == 0:
-        return torch.zeros(y.shape[2:], dtype=torch.float64)
-    gap = s_i[None, :] ** 2 - s_j[:, None] ** 2  # [P-R, R]
-    gap = gap.clamp_min(float(sv[0]) ** 2 * 1e-12)  # equal singular values: the subspace is ill-defined
-    # d(u_i) along u_j (j > R): (σ_i u_jᵀΔM v_i + σ_j u_iᵀΔM v_j) / (σ_i² − σ_j²)
-    num = s_i[None, :, None, None] * coef[rank:, :rank]  # [P-R, R, L, H]
-    if n_dirs >= n_prompts:
-        b = coef[:rank, rank:n_prompts].transpose(0, 1)  # [P-R, R, L, H]: u_iᵀ ΔM v_j
-        num = num + s_j[:, None, None, None] * b
-    t = (num / gap[:, :, None, None]).permute(2, 3, 0, 1)  # [L, H, P-R, R]
-    angles = torch.linalg.svdvals(t).sum(-1) if rank > 1 else t.square().sum((-2, -1)).sqrt()
-    return torch.rad2deg(angles)
+
+    rank: int
+    u: torch.Tensor          # [P, P] left singular vectors of M
+    sv: torch.Tensor         # [P] singular values, zero-padded
+    exact: list[int]         # j ≥ R probed exactly
+    tail: list[int]          # j ≥ R sketched by random signs
+    signs: torch.Tensor      # [K, len(tail)] ±1 float64
+    directions: torch.Tensor  # [N, D] float64
+
+    @property
+    def n_random(self) -> int:
+        return int(self.signs.shape[0]) if self.tail else 0
+
+
+def _gaps(sv: torch.Tensor, rank: int, js: Sequence[int]) -> torch.Tensor:
+    """σ_i² − σ_j² for j in js (rows) and i < rank (columns): [len(js), R] float64, floored so that
+    equal singular values (an ill-defined subspace) do not divide by zero."""
+    s_i, s_j = sv[:rank], sv[list(js)]
+    return (s_i[None, :] ** 2 - s_j[:, None] ** 2).clamp_min(float(sv[0]) ** 2 * 1e-12)
+
+
+def subspace_probes_for(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, rank: int, budget: int,
+                    *, seed: int = 0, exact: bool = False) -> SubspaceProbes:
+    """Choose the probe directions for the subspace rotation (see `SubspaceProbes`).
+
+    u [P, P], sv [P] (zero-padded), vh [min(P, D) or more, D] from the SVD of M (float64). Indices
+    j ≥ R with σ_j = 0 contribute nothing to the second term and are skipped. `budget` is the
+    number of extra backward passes (rank 1): when the nonzero j ≥ R fit in it, or `exact`, all
+    are probed exactly (the complete first-order formula); otherwise the budget//2 largest σ_j
+    exactly and the rest by ceil(budget/2) random-sign probes per i (R·ceil(budget/2) passes)."""
+    n_prompts = u.shape[0]
+    floor = float(sv[0]) * 1e-12
+    rest = [j for j in range(rank, min(n_prompts, vh.shape[0])) if float(sv[j]) > floor]
+    if exact or len(rest) <= budget:
+        chosen, tail = rest, []
+    else:
+        chosen, tail = rest[: budget // 2], rest[budget // 2:]
+    n_random = -(-budget // 2) if tail else 0
+    if not n_random:  # budget 0: the first term alone (biased; kept for comparisons)
+        tail = []
+    gen = torch.Generator().manual_seed(int(seed))
+    signs = (torch.randint(0, 2, (n_random, len(tail)), generator=gen, dtype=torch.float64) * 2 - 1)  # [K, n_tail]
+    dirs = [vh[:rank], vh[chosen]]
+    if tail:
+        c = sv[tail][:, None] / _gaps(sv, rank, tail)                      # [n_tail, R]: c_ji
+        z = torch.einsum("kj,ji,jd->ikd", signs, c, vh[tail])              # [R, K, D]: z_ik
+        dirs.append(z.reshape(-1, vh.shape[1]))
+    return SubspaceProbes(rank, u, sv, chosen, tail, signs, torch.cat(dirs).double())
+
+
+def subspace_rotation(probes: SubspaceProbes, proj: torch.Tensor) -> torch.Tensor:
+    """First-order sum of principal angles (degrees) per head from the measurements
+    proj [N, P, ...] = directionᵀ Δĥ_p (N = len(probes.directions)). Returns [...] float64."""
+    R, u, sv = probes.rank, probes.u, probes.sv
+    n_prompts = u.shape[0]
+    rest = list(range(R, n_prompts))
+    n_exact = len(probes.exact)
+    lead = proj.shape[2:]
+    if not rest:
+        return torch.zeros(lead, dtype=torch.float64)
+    gap = _gaps(sv, R, rest)                                                # [P-R, R]
+    # first term: A_ji = σ_i u_jᵀΔM v_i / gap
+    coef = torch.einsum("pj,ip...->ji...", u[:, rest], proj[:R])            # [P-R, R, ...]
+    t = sv[:R].view(1, R, *[1] * len(lead)) * coef
+    # second term, exact rows: B_ji = σ_j u_iᵀΔM v_j / gap
+    if n_exact:
+        b = torch.einsum("pi,jp...->ji...", u[:, :R], proj[R:R + n_exact])  # [n_exact, R, ...]
+        rows = [j - R for j in probes.exact]
+        t[rows] = t[rows] + sv[probes.exact].view(-1, 1, *[1] * len(lead)) * b
+    t = t / gap.view(*gap.shape, *[1] * len(lead))                          # [P-R, R, ...]
+    gram = torch.einsum("ji...,jk...->...ik", t, t)                         # [..., R, R]: T0ᵀT0
+    if probes.tail:
+        K = probes.n_random
+        z = proj[R + n_exact:].reshape(R, K, *proj.shape[1:])               # [R, K, P, ...]
+        y = torch.einsum("pi,ikp...->...ik", u[:, :R], z)                   # [..., R, K]: Σ_j s_jk B_ji
+        tail_t = t[[j - R for j in probes.tail]]                            # [n_tail, R, ...]
+        s_t = torch.einsum("kj,ji...->...ik", probes.signs, tail_t)         # [..., R, K]: Σ_j s_jk T0_ji
+        cross = y @ s_t.transpose(-1, -2) / K                               # [..., R, R]
+        gram = gram + cross + cross.transpose(-1, -2) + y @ y.transpose(-1, -2) / K
+    eig = torch.linalg.eigvalsh(gram).clamp_min(0.0)                        # [..., R]
+    return torch.rad2deg(eig.sqrt().sum(-1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +355,7 @@ def _subspace_perturbation(y: torch.Tensor, u_full: torch.Tensor, sv: torch.Tens
 # ----------------------------------------------------------------------------------------------
 
 def check_screen_args(method: str, epsilon: float, targets: Sequence[str], probes: int, rank: int,
-                      n_prompts: int) -> None:
+                      n_prompts: int, subspace_probes: int = 0) -> None:
     if method not in SCREEN_METHODS:
         raise UsageError(f"screen supports --method {', '.join(SCREEN_METHODS)}, not {method!r}")
     if method in ("undifferentiated", "scaling"):
@@ -286,6 +365,8 @@ def check_screen_args(method: str, epsilon: float, targets: Sequence[str], probe
         raise UsageError(f"screen targets must be among {', '.join(TARGETS)}, got {list(targets)}")
     if probes < 1:
         raise UsageError(f"--probes must be at least 1, got {probes}")
+    if subspace_probes < 0:
+        raise UsageError(f"--subspace-probes must be 0 or more, got {subspace_probes}")
     if "gships" in targets and not 1 <= rank < n_prompts:
         raise UsageError(f"--rank must be between 1 and the number of prompts minus 1 ({n_prompts - 1}), got {rank}")
 
@@ -296,21 +377,23 @@ def _batches(n: int, batch_size: int) -> list[slice]:
 
 def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
            targets: Sequence[str] = ("ships", "gships"), probes: int = DEFAULT_PROBES, random_probes: int = 0, rank: int = 1,
-           center: bool = False, full_subspace: bool = False, clean_hidden: torch.Tensor | None = None,
-           batch_size: int = 8, progress: bool = True) -> ScreenResult:
+           center: bool = False, full_subspace: bool = False, subspace_probes: int = DEFAULT_SUBSPACE_PROBES,
+           seed: int = 0, clean_hidden: torch.Tensor | None = None, batch_size: int = 8,
+           progress: bool = True) -> ScreenResult:
     """Estimate every head's Ships (per prompt) and/or Generalized Ships from gradients.
 
     Cost: one forward pass with autograd plus `probes` backward passes for ships, plus one forward
-    pass without autograd and `rank` backward passes for gships (which needs all prompts' clean
-    hidden states before it can choose its probe directions). Parameters never get gradients.
-    `full_subspace=True` probes all P right singular directions (P backward passes) for the
-    complete first-order angle instead of the σ_j ≪ σ_i shortcut (for checks, small P).
+    pass without autograd and `rank` + about `subspace_probes` backward passes for gships (which
+    needs all prompts' clean hidden states before it can choose its probe directions; see
+    `SubspaceProbes`). Parameters never get gradients. `full_subspace=True` probes every right
+    singular direction exactly (up to P backward passes): the complete first-order angle with no
+    sampling noise (for checks; it is also what small P gets anyway). `seed` fixes the random signs.
     `random_probes` adds Gaussian probes of the rest of the Fisher spectrum (see `fisher_probes`).
     `clean_hidden` [P, D] (e.g. the engine's `CleanCache.clean_hidden`) saves gships' clean pass.
     """
     targets = tuple(targets)
     n_prompts = len(encoded)
-    check_screen_args(method, epsilon, targets, probes, rank, n_prompts)
+    check_screen_args(method, epsilon, targets, probes, rank, n_prompts, subspace_probes)
     n_layers, n_heads = ablation.num_layers_heads(model)
     result = ScreenResult(method=method, epsilon=float(epsilon), n_layers=n_layers, n_heads=n_heads,
                           rank=rank, center=center, probes=probes if "ships" in targets else 0)
@@ -335,13 +418,14 @@ def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon:
         sv_full[: sv.shape[0]] = sv
         if float(sv_full[rank - 1]) <= float(sv_full[0]) * 1e-12:
             raise UsageError(f"the clean hidden states have rank below {rank}: Generalized Ships is undefined")
-        n_dirs = min(n_prompts, vh.shape[0]) if full_subspace else rank
-        basis = (u_full, sv_full, vh[:n_dirs].to(device))  # v_n rows [N, D]
+        basis = subspace_probes_for(u_full, sv_full, vh, rank, subspace_probes, seed=seed, exact=full_subspace)
+        result.subspace_exact, result.subspace_random = len(basis.exact), basis.n_random * rank
+        gships_dirs = basis.directions.to(device)  # [N, D]
         result.timings["gships_clean_pass"] = time.perf_counter() - t0
 
     ships = torch.zeros(n_prompts, n_layers, n_heads, dtype=torch.float64) if "ships" in targets else None
     captured = torch.zeros(n_prompts, dtype=torch.float64) if "ships" in targets else None
-    proj = (torch.zeros(basis[2].shape[0], n_prompts, n_layers, n_heads, dtype=torch.float64)
+    proj = (torch.zeros(basis.directions.shape[0], n_prompts, n_layers, n_heads, dtype=torch.float64)
             if basis is not None else None)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -363,7 +447,7 @@ def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon:
                 directions += [q[:, j] for j in range(q.shape[1])]
             n_ships = len(directions)
             if basis is not None:
-                directions += [v.to(h.dtype).expand_as(h) for v in basis[2]]
+                directions += [v.to(h.dtype).expand_as(h) for v in gships_dirs]
             for j, direction in enumerate(directions):
                 grads = torch.autograd.grad((h * direction).sum(), taps, retain_graph=j < len(directions) - 1,
                                             allow_unused=True)
@@ -386,7 +470,7 @@ def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon:
     if basis is not None:
         if center:
             proj = proj - proj.mean(1, keepdim=True)  # ΔM is centred like M
-        result.gships = _subspace_perturbation(proj, basis[0], basis[1], rank)
+        result.gships = subspace_rotation(basis, proj)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -411,7 +495,8 @@ class AutoResult:
 
 
 def auto_scores(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
-                target: str = "gships", top_k: int = 40, probes: int = DEFAULT_PROBES, rank: int = 1,
+                target: str = "gships", top_k: int = 40, probes: int = DEFAULT_PROBES,
+                subspace_probes: int = DEFAULT_SUBSPACE_PROBES, rank: int = 1,
                 center: bool = False, allowed: Sequence[Head] | None = None, batch_size: int = 8,
                 progress: bool = True) -> AutoResult:
     """Screen every head, then score the screen's `top_k` heads (among `allowed`) exactly with the
@@ -424,8 +509,8 @@ def auto_scores(model: nn.Module, encoded, method: str = "undifferentiated", eps
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     t0 = time.perf_counter()
     cache = engine.prepare(model, encoded)  # the exact sweep needs it; the screen reuses its hidden states
-    result = screen(model, encoded, method, epsilon, targets=(target,), probes=probes, rank=rank,
-                    center=center, clean_hidden=cache.clean_hidden, batch_size=batch_size, progress=progress)
+    result = screen(model, encoded, method, epsilon, targets=(target,), probes=probes,
+                    subspace_probes=subspace_probes, rank=rank, center=center, clean_hidden=cache.clean_hidden, batch_size=batch_size, progress=progress)
     ranking = top_heads(result.head_scores(target), result.n_layers * result.n_heads)
     if allowed is not None:
         allowed_set = set(allowed)
@@ -466,7 +551,7 @@ ACCURACY_NOTE = ("screen scores are gradient estimates, not exact scores. Measur
 def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
                out: str | Path, method: str = "undifferentiated", epsilon: float = 1e-5,
                target: str = "gships", mode: str = "screen", top_k: int = 40, probes: int = DEFAULT_PROBES,
-               rank: int = 1, center: bool = False, layers: str | None = None, heads: str | None = None,
+               subspace_probes: int = DEFAULT_SUBSPACE_PROBES, rank: int = 1, center: bool = False, layers: str | None = None, heads: str | None = None,
                batch_size: int = 8, resume: bool = False, force: bool = False, quiet: bool = False) -> ScreenRun:
     """`safetyheads screen`: estimate every head's score from gradients and write screen.csv
     (layer, head, method, score, rank) into the run folder `out`. mode='auto' also scores the top
@@ -483,9 +568,10 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
         raise UsageError(f"screen supports --method {', '.join(SCREEN_METHODS)}, not {method!r}")
     inputs = analyses._resolve("screen", model, data, prompt, method=method, epsilon=epsilon, layers=layers,
                                heads=heads, extra={"target": target, "mode": mode, "top_k": int(top_k),
-                                                   "probes": int(probes), "rank": int(rank), "center": bool(center)})
+                                                   "probes": int(probes), "subspace_probes": int(subspace_probes),
+                                                   "rank": int(rank), "center": bool(center)})
     n_prompts = len(inputs.texts)
-    check_screen_args(method, epsilon, (target,), probes, rank, n_prompts)
+    check_screen_args(method, epsilon, (target,), probes, rank, n_prompts, subspace_probes)
     if target == "gships":
         scores.check_rank(rank, n_prompts, center=center)
     run = analyses._open_run(out, inputs, resume=resume, force=force)
@@ -493,12 +579,14 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     encoded = encode(inputs.loaded.tokenizer, inputs.texts, device=getattr(lm, "device", None))
     t0 = time.perf_counter()
     if mode == "auto":
-        auto = auto_scores(lm, encoded, method, epsilon, target=target, top_k=top_k, probes=probes, rank=rank,
+        auto = auto_scores(lm, encoded, method, epsilon, target=target, top_k=top_k, probes=probes,
+                           subspace_probes=subspace_probes, rank=rank,
                            center=center, allowed=inputs.heads, batch_size=batch_size, progress=not quiet)
         result = auto.screen
     else:
-        result = screen(lm, encoded, method, epsilon, targets=(target,), probes=probes, rank=rank, center=center,
-                        batch_size=batch_size, progress=not quiet)
+        result = screen(lm, encoded, method, epsilon, targets=(target,), probes=probes,
+                        subspace_probes=subspace_probes, rank=rank, center=center, batch_size=batch_size,
+                        progress=not quiet)
     table = result.table(target)
     allowed = set(inputs.heads)
     table = table[[(int(a), int(b)) in allowed for a, b in zip(table["layer"], table["head"])]]

@@ -131,6 +131,7 @@ def test_table_and_parameters_untouched():
     (dict(targets=("kl",)), "targets"),
     (dict(probes=0), "probes"),
     (dict(rank=6), "rank"),
+    (dict(subspace_probes=-1), "subspace-probes"),
 ])
 def test_bad_arguments(kwargs, match):
     model, enc = _model(), _encoded()
@@ -216,3 +217,75 @@ def test_screen_cli(chat_loaded, tmp_path, capsys):
     assert (out2 / "screen.csv").is_file() and len(pd.read_csv(out2 / "generalized_ships.csv")) == 2
     assert main(base + ["--mode", "fast", "--force"]) == 2
     assert "--mode" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# The subspace rotation estimator on synthetic matrices (oracle: scipy's principal angles)
+# ------------------------------------------------------------------------------------------------
+
+def _first_order_angle(m: np.ndarray, dm: np.ndarray, rank: int, t: float = 1e-6) -> float:
+    """d/dt of the summed principal angles (degrees) between the top-`rank` left singular
+    subspaces of m and m + t·dm, by a finite difference of scipy's subspace_angles."""
+    import scipy.linalg
+
+    def top(x):
+        return np.linalg.svd(x, full_matrices=False)[0][:, :rank]
+
+    return float(np.degrees(scipy.linalg.subspace_angles(top(m), top(m + t * dm)).sum()) / t)
+
+
+def _uncentred(n_prompts=10, dim=32, ratio=0.18, seed=0) -> np.ndarray:
+    """Hidden states like a real model's: one large shared mean direction, σ₂/σ₁ ≈ ratio."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=dim)
+    mean /= np.linalg.norm(mean)
+    noise = rng.normal(size=(n_prompts, dim))
+    m = np.outer(np.ones(n_prompts), mean)  # σ₁ ≈ √P
+    s = np.linalg.svd(noise, compute_uv=False)
+    return m + noise * (ratio * np.sqrt(n_prompts) / s[0])
+
+
+def _estimate(m: np.ndarray, dm: np.ndarray, rank: int, budget: int, seed: int = 0, exact: bool = False) -> float:
+    """The screen's estimate when every backward pass measures directionᵀ Δĥ_p exactly."""
+    u, sv, vh = torch.linalg.svd(torch.tensor(m), full_matrices=True)
+    sv_full = torch.zeros(m.shape[0], dtype=torch.float64)
+    sv_full[: sv.shape[0]] = sv
+    probes = S.subspace_probes_for(u, sv_full, vh, rank, budget, seed=seed, exact=exact)
+    proj = probes.directions @ torch.tensor(dm).T  # [N, P]
+    return float(S.subspace_rotation(probes, proj[:, :, None])[0])
+
+
+def test_common_mode_shift_is_not_dropped():
+    """ΔM = 1δᵀ (every prompt moves the same way): the first term σ_i u_jᵀΔM v_i vanishes, the
+    rotation is all in σ_j u_iᵀΔM v_j. The σ_j ≪ σ_i shortcut (budget 0) misses most of it."""
+    m = _uncentred()
+    s = np.linalg.svd(m, compute_uv=False)
+    assert 0.1 < s[1] / s[0] < 0.3
+    dm = np.outer(np.ones(m.shape[0]), np.random.default_rng(1).normal(size=m.shape[1]))
+    truth = _first_order_angle(m, dm, 1)
+    assert abs(_estimate(m, dm, 1, 0, exact=True) - truth) < 1e-3 * truth
+    shortcut = _estimate(m, dm, 1, 0)
+    assert shortcut < 0.5 * truth, (shortcut, truth)  # what the screen used to report
+    # the default budget samples part of the second term: noisy per draw, centred on the truth
+    default = np.median([_estimate(m, dm, 1, S.DEFAULT_SUBSPACE_PROBES, seed=s) for s in range(100)])
+    assert abs(default - truth) < 0.25 * truth, (default, truth)
+
+
+def test_random_sign_probes_are_unbiased_for_the_squared_angle():
+    m = _uncentred(seed=2)
+    dm = np.outer(np.ones(m.shape[0]), np.random.default_rng(3).normal(size=m.shape[1]))
+    dm += 0.3 * np.random.default_rng(4).normal(size=dm.shape)
+    truth2 = _first_order_angle(m, dm, 1) ** 2
+    draws = np.array([_estimate(m, dm, 1, 2, seed=s) ** 2 for s in range(2000)])
+    se = draws.std() / np.sqrt(len(draws))
+    assert abs(draws.mean() - truth2) < 4 * se + 1e-9 * truth2, (draws.mean(), truth2, se)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_exact_subspace_rotation_matches_scipy(rank):
+    m = _uncentred(n_prompts=8, dim=16, seed=5)
+    dm = np.random.default_rng(6).normal(size=m.shape)
+    truth = _first_order_angle(m, dm, rank)
+    assert abs(_estimate(m, dm, rank, 0, exact=True) - truth) < 2e-3 * truth
+    # few prompts: the default budget already covers every direction, no sampling
+    assert _estimate(m, dm, rank, 8 - rank) == pytest.approx(_estimate(m, dm, rank, 0, exact=True), rel=1e-12)

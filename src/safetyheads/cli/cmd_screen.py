@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import SCREEN_PROBES
+from ..config import SCREEN_PROBES, SUBSPACE_PROBES
 from . import common
 from .cmd_scores import _add_ablation_args, _add_rank_args, _inputs, _print_top
 
@@ -10,7 +10,8 @@ from .cmd_scores import _add_ablation_args, _add_rank_args, _inputs, _print_top
 def cmd_screen(args) -> int:
     from ..screen import run_screen
     result = run_screen(*_inputs(args), out=args.out, method=args.method, epsilon=args.epsilon, target=args.target,
-                        mode=args.mode, top_k=args.top_k, probes=args.probes, rank=args.rank, center=args.center,
+                        mode=args.mode, top_k=args.top_k, probes=args.probes,
+                        subspace_probes=args.subspace_probes, rank=args.rank, center=args.center,
                         layers=args.layers, heads=args.heads, batch_size=args.batch_size, resume=args.resume,
                         force=args.force, quiet=args.quiet)
     if result.exact is not None:
@@ -32,9 +33,18 @@ def add_mode_args(parser) -> None:
     g.add_argument("--mode", default="exact", metavar="|".join(MODES),
                    help="exact: one forward pass per head (default); screen: gradient estimates only (screen.csv); "
                         "auto: screen, then exact scores for the top K heads")
-    g.add_argument("--top-k", type=int, default=40, metavar="K", help="heads scored exactly with --mode auto (default 40)")
+    _add_screen_knobs(g)
+
+
+def _add_screen_knobs(g) -> None:
+    """The screen's cost/accuracy knobs, shared by `screen` and `ships/gships --mode`."""
+    g.add_argument("--top-k", type=int, default=40, metavar="K", help="heads scored exactly in auto mode (default 40)")
     g.add_argument("--probes", type=int, default=SCREEN_PROBES, metavar="N",
-                   help="ships screening: Fisher eigen-directions backpropagated, one backward pass each (default %(default)s)")
+                   help="ships: Fisher eigen-directions backpropagated, one backward pass each (default %(default)s)")
+    g.add_argument("--subspace-probes", type=int, default=SUBSPACE_PROBES, metavar="N",
+                   help="gships: extra backward passes for the rotation's second term (half exact singular "
+                        "directions, half random-sign probes of the rest; all exact when the prompts allow; "
+                        "default %(default)s)")
 
 
 def screen_instead(args, target: str) -> int | None:
@@ -68,8 +78,6 @@ def register(subparsers) -> None:
                    help="score to estimate: ships (mean KL over prompts) or gships (default gships)")
     g.add_argument("--mode", default="screen", metavar="screen|auto",
                    help="screen: estimates only; auto: then exact scores for the top K (default screen)")
-    g.add_argument("--top-k", type=int, default=40, metavar="K", help="heads scored exactly in auto mode (default 40)")
-    g.add_argument("--probes", type=int, default=SCREEN_PROBES, metavar="N",
-                   help="Fisher eigen-directions backpropagated for ships, one backward pass each (default %(default)s)")
+    _add_screen_knobs(g)
     g.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward/backward (default 8)")
     p.set_defaults(func=cmd_screen)
