@@ -26,10 +26,12 @@ import json
 import math
 import os
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -42,29 +44,6 @@ Head = tuple[int, int]
 BASELINE = "baseline"
 ABLATED = "ablated"
 HARMLESS = "harmless"
-SCORES_FILE = "generalized_ships.csv"
-
-
-def heads_to_str(heads: Sequence[Head]) -> str:
-    return ",".join(f"{layer}-{head}" for layer, head in heads)
-
-
-@dataclass(frozen=True)
-class Ablation:
-    """One ablated condition: these heads, this method, this epsilon."""
-
-    heads: tuple[Head, ...]
-    method: str
-    epsilon: float = 1e-5
-    source: str = "--ablate"  # where the heads came from, e.g. "gships top-3 of RUN"
-
-    @property
-    def heads_str(self) -> str:
-        return heads_to_str(self.heads)
-
-    @property
-    def key(self) -> str:
-        return f"{self.method}:{self.epsilon!r}:{self.heads_str}"
 
 
 @dataclass
@@ -84,74 +63,257 @@ class EvalResult:
 # Choosing heads
 
 
-def heads_from_scores(run_dir: str | Path, top: int, method: str) -> list[Head]:
-    """The `top` highest-ranked heads of `method` in a scores run's `generalized_ships.csv`."""
-    path = Path(run_dir)
-    csv = path if path.suffix == ".csv" else path / SCORES_FILE
-    if not csv.is_file():
-        raise UsageError(f"{run_dir} has no {SCORES_FILE}: run `safetyheads gships ... --out {run_dir}` first")
+def heads_to_str(heads: Sequence[Head]) -> str:
+    return ",".join(f"{layer}-{head}" for layer, head in heads)
+
+
+# The ranking files `--from` reads, in the order a folder is searched: the exact maps before a
+# screen's estimate, Generalized Ships first (what `--from RUN` always meant).
+RANKING_FILES = ("generalized_ships.csv", "refusal.csv", "ships_summary.csv", "sahara.csv", "screen.csv")
+RANDOM = "random"
+LAYER_MATCHED = "random-layer-matched"
+DEFAULT_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One ablated condition: these heads, this method, this epsilon, and where the heads came from.
+
+    `ranking` names the head list's origin so conditions can be grouped (a dose-response line per
+    ranking, a band over random draws): a ranking file's label (`RUN/generalized_ships`),
+    `random`, `random-layer-matched RUN/FILE`, or `ablate` for `--ablate`. `k` is the number of
+    heads, `draw` the 1-based draw of a random control."""
+
+    heads: tuple[Head, ...]
+    method: str
+    epsilon: float = 1e-5
+    source: str = "--ablate"  # e.g. "top-3 of runs/x/generalized_ships.csv", "random K=3 draw 2 seed 0"
+    ranking: str = "ablate"
+    k: int | None = None
+    draw: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.k is None:
+            object.__setattr__(self, "k", len(self.heads))
+
+    @property
+    def heads_str(self) -> str:
+        return heads_to_str(self.heads)
+
+    @property
+    def key(self) -> str:
+        """What determines the generated text (the cache key): not where the heads came from."""
+        return f"{self.method}:{self.epsilon!r}:{self.heads_str}"
+
+    def describe(self) -> dict:
+        """The manifest entry: enough to see (and, with the seed, redraw) every condition's heads."""
+        return {"heads": self.heads_str, "method": self.method, "epsilon": self.epsilon, "source": self.source,
+                "ranking": self.ranking, "k": self.k, "draw": self.draw}
+
+
+def ranking_file(run: str | Path) -> Path:
+    """The ranking file `--from` means: the file itself, or the first of RANKING_FILES in a folder."""
+    path = Path(run)
+    if path.suffix == ".csv":
+        if not path.is_file():
+            raise UsageError(f"no such ranking file: {path}")
+        return path
+    for name in RANKING_FILES:
+        if (path / name).is_file():
+            return path / name
+    hint = f"run `safetyheads gships ... --out {run}` first"
+    raise UsageError(f"{run} has no {', '.join(RANKING_FILES[:-1])} or {RANKING_FILES[-1]}: {hint}")
+
+
+def ranking_label(csv: Path) -> str:
+    """How a ranking is named in asr.csv and the plots: `FOLDER/FILE-STEM`."""
+    return f"{csv.parent.name}/{csv.stem}"
+
+
+def _file_method(csv: Path) -> str | None:
+    """The method of a ranking file without a `method` column (sahara.csv): sahara.json, else the manifest."""
+    from .results import manifest_field, read_manifest
+
+    side = csv.with_suffix(".json")
+    if side.is_file():
+        try:
+            method = json.loads(side.read_text()).get("method")
+        except (json.JSONDecodeError, AttributeError):
+            method = None
+        if method:
+            return str(method)
+    method = manifest_field(read_manifest(csv.parent), "method")
+    return str(method) if isinstance(method, str) else None
+
+
+def ranked_heads(csv: Path, method: str) -> list[Head]:
+    """Every head a ranking file ranks for `method`, best first.
+
+    Order: the `rank` column (gships, refusal, screen); Ships summaries by top-10 count, then mean
+    KL (`results.ships_order`); a Sahara group in step order; else the score, highest first."""
+    from .results import ships_order
+
     table = pd.read_csv(csv)
-    missing = {"layer", "head", "rank"} - set(table.columns)
-    if missing:
-        raise UsageError(f"{csv} lacks the column(s) {', '.join(sorted(missing))}")
+    missing = {"layer", "head"} - set(table.columns)
+    if missing or not ({"rank", "score", "step", "top10_count"} & set(table.columns)):
+        raise UsageError(f"{csv} is not a head ranking (needs layer, head and rank, score or step columns)")
     if "method" in table.columns:
-        methods = sorted(table["method"].dropna().unique())
-        if method not in methods:
-            raise UsageError(f"{csv} has no scores for method {method!r} (it has: {', '.join(methods) or 'none'})")
+        methods = sorted(table["method"].dropna().astype(str).unique())
         table = table[table["method"] == method]
-    if top < 1:
-        raise UsageError(f"--top must be at least 1 (got {top})")
-    if len(table) < top:
-        raise UsageError(f"--top {top} but {csv} ranks only {len(table)} heads for {method}")
-    table = table.sort_values("rank", kind="stable").head(top)
+    else:
+        known = _file_method(csv)
+        methods = [known] if known else []
+        if known is not None and known != method:
+            table = table.iloc[:0]
+    if table.empty:
+        raise UsageError(f"{csv} has no scores for method {method!r} (it has: {', '.join(methods) or 'none'})")
+    if "rank" in table.columns:
+        table = table.sort_values("rank", kind="stable")
+    elif {"top10_count", "mean"} <= set(table.columns):
+        table = ships_order(table)
+    elif "step" in table.columns:
+        table = table.sort_values("step", kind="stable")
+    else:
+        table = table.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable")
     return [(int(layer), int(head)) for layer, head in zip(table["layer"], table["head"])]
 
 
-def build_ablations(*, n_layers: int | None, n_heads: int | None, ablate: Sequence[str] = (), from_runs: Sequence[str | Path] = (),
-                    top: Sequence[int] = (), methods: Sequence[str] = ("undifferentiated",),
-                    epsilon: float = 1e-5) -> list[Ablation]:
-    """Ablated conditions = (each `--ablate` head list, each `--top K` of the scores runs) x each method.
+def heads_from_scores(run_dir: str | Path, top: int, method: str) -> list[Head]:
+    """The `top` highest-ranked heads of `method` in a ranking file or run folder (see `ranking_file`)."""
+    if top < 1:
+        raise UsageError(f"--top must be at least 1 (got {top})")
+    csv = ranking_file(run_dir)
+    heads = ranked_heads(csv, method)
+    if len(heads) < top:
+        raise UsageError(f"--top {top} but {csv} ranks only {len(heads)} heads for {method}")
+    return heads[:top]
 
-    With `--from`, the heads for method m are the top K of m's Generalized Ships ranking (the first
-    run folder that has scores for m). With `n_layers=None` the options and the score files are
-    checked without a model (head lists from `ablate` are then skipped): a fast check before loading."""
+
+def _draw_seed(seed: int, k: int, draw: int, tag: str = "") -> np.random.Generator:
+    """A Generator per (seed, K, draw[, ranking]): adding a K or a draw leaves every other draw as it was."""
+    return np.random.default_rng([seed, k, draw, zlib.crc32(tag.encode())])
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, draw: int, seed: int) -> tuple[Head, ...]:
+    """K distinct heads drawn uniformly from all heads, sorted."""
+    flat = _draw_seed(seed, k, draw).choice(n_layers * n_heads, size=k, replace=False)
+    return tuple(sorted((int(i) // n_heads, int(i) % n_heads) for i in flat))
+
+
+def layer_matched_heads(found: Sequence[Head], n_heads: int, draw: int, seed: int, tag: str) -> tuple[Head, ...]:
+    """As many heads per layer as `found` has there, drawn uniformly from that layer's other heads.
+
+    The control for "is it these heads, or just these layers?": the found heads themselves are
+    excluded, so a draw never contains them."""
+    rng = _draw_seed(seed, len(found), draw, tag)
+    found_set = set(found)
+    out: list[Head] = []
+    for layer in sorted({layer for layer, _ in found}):
+        want = sum(1 for l, _ in found if l == layer)
+        pool = [h for h in range(n_heads) if (layer, h) not in found_set]
+        if len(pool) < want:
+            raise UsageError(f"--random-layer-matched: layer {layer} has only {len(pool)} heads besides the "
+                             f"{want} found ones of {tag} (K={len(found)})")
+        out += [(layer, int(h)) for h in rng.choice(pool, size=want, replace=False)]
+    return tuple(sorted(out))
+
+
+def _listify(value, kinds) -> list:
+    return [value] if isinstance(value, kinds) else list(value)
+
+
+def build_ablations(*, n_layers: int | None, n_heads: int | None, ablate: Sequence[str] = (),
+                    from_runs: Sequence[str | Path] = (), top: Sequence[int] = (),
+                    methods: Sequence[str] = ("undifferentiated",), epsilon: float = 1e-5,
+                    random: Sequence[int] = (), repeats: int | None = None, random_seed: int = 0,
+                    layer_matched: bool = False) -> list[Ablation]:
+    """Ablated conditions, for each method: each `--ablate` head list; the top K of each ranking
+    (`--from`, each K of `--top`); R random draws of K heads (each K of `--random`, R = `repeats`,
+    default 3); with `layer_matched`, R draws matched to the layers of each ranking's top K.
+
+    Every `--from` ranking is used for every method it has scores for (several rankings give one
+    dose-response line each); a ranking with scores for none of the methods is an error. Random
+    draws do not depend on the method (all methods ablate the same random heads). With
+    `n_layers=None` only the options and the files are checked, without a model (a fast check
+    before loading); head lists and draws need the model's size and are skipped."""
     from .ablation import METHODS, parse_heads
 
-    top = [top] if isinstance(top, int) else list(top)
-    ablate = [ablate] if isinstance(ablate, str) else list(ablate)
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    from_runs = [from_runs] if isinstance(from_runs, (str, Path)) else list(from_runs)
+    top, random = _listify(top, int), _listify(random, int)
+    ablate, methods = _listify(ablate, str), _listify(methods, str)
+    from_runs = _listify(from_runs, (str, Path))
     if ablate and from_runs:
         raise UsageError("give either --ablate or --from/--top, not both")
     if from_runs and not top:
         raise UsageError("--from needs --top K (how many of the best-ranked heads to ablate)")
     if top and not from_runs:
-        raise UsageError("--top needs --from RUN_DIR (a gships run folder)")
+        raise UsageError("--top needs --from RUN_DIR (a ranking run folder or file)")
+    if any(k < 1 for k in top):
+        raise UsageError(f"--top must be at least 1 (got {min(top)})")
+    if any(k < 1 for k in random):
+        raise UsageError(f"--random K must be at least 1 (got {min(random)})")
+    if repeats is not None and not random:
+        raise UsageError("--repeats needs --random K (how many heads each random draw ablates)")
+    repeats = DEFAULT_REPEATS if repeats is None else repeats
+    if repeats < 1:
+        raise UsageError(f"--repeats must be at least 1 (got {repeats})")
+    if layer_matched and not (random and from_runs):
+        raise UsageError("--random-layer-matched needs --random K and --from (the ranking whose layers to match)")
     if not (0 < epsilon < 1):
         raise UsageError(f"--epsilon must be in (0, 1) (got {epsilon})")
     for m in methods:
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+
+    files = [ranking_file(run) for run in from_runs]
+    labels = [ranking_label(f) for f in files]
+    labels = [lab if labels.count(lab) == 1 else f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
+    rankings: dict[str, list[tuple[str, Path, list[Head]]]] = {m: [] for m in methods}
+    for csv, label in zip(files, labels):
+        errors = []
+        for m in methods:
+            try:
+                rankings[m].append((label, csv, ranked_heads(csv, m)))
+            except UsageError as exc:
+                errors.append(str(exc))
+        if len(errors) == len(methods):
+            raise UsageError(errors[0] if len(errors) == 1 else
+                             f"{csv} has no scores for any method asked ({', '.join(methods)})")
+    for m in methods:
+        if from_runs and not rankings[m]:
+            raise UsageError(f"no --from ranking has scores for method {m!r}")
+        for label, csv, heads in rankings[m]:
+            wanted = max(top + (random if layer_matched else []))
+            if len(heads) < wanted:
+                raise UsageError(f"K={wanted} but {csv} ranks only {len(heads)} heads for {m}")
+    if n_layers is None:
+        return []
+    n_total = n_layers * n_heads
+    if random and max(random) > n_total:
+        raise UsageError(f"--random {max(random)} but the model has only {n_total} heads ({n_layers} x {n_heads})")
+
     out: list[Ablation] = []
     for m in methods:
-        for spec in ablate if n_layers is not None else ():
+        for spec in ablate:
             out.append(Ablation(tuple(parse_heads(spec, n_layers, n_heads)), m, epsilon))
-        for k in top:
-            heads, errors = None, []
-            for run in from_runs:
-                try:
-                    heads = heads_from_scores(run, k, m)
-                    src = f"gships top-{k} of {run}"
-                    break
-                except UsageError as exc:
-                    errors.append(str(exc))
-            if heads is None:
-                raise UsageError(errors[0] if len(errors) == 1 else "; ".join(errors))
-            for layer, head in heads if n_layers is not None else ():
+        for label, csv, heads in rankings[m]:
+            for layer, head in heads[:max(top)]:
                 if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                    raise UsageError(f"head {layer}-{head} from {src} is outside this model ({n_layers}x{n_heads})")
-            out.append(Ablation(tuple(heads), m, epsilon, source=src))
-    # the same heads/method twice (e.g. --top 1,1) is evaluated once
+                    raise UsageError(f"head {layer}-{head} of {csv} is outside this model ({n_layers}x{n_heads})")
+            for k in top:
+                out.append(Ablation(tuple(heads[:k]), m, epsilon, source=f"top-{k} of {csv}", ranking=label, k=k))
+        for k in random:
+            for r in range(1, repeats + 1):
+                out.append(Ablation(random_heads(n_layers, n_heads, k, r, random_seed), m, epsilon,
+                                    source=f"random K={k} draw {r} seed {random_seed}", ranking=RANDOM, k=k, draw=r))
+        if layer_matched:
+            for label, csv, heads in rankings[m]:
+                for k in random:
+                    for r in range(1, repeats + 1):
+                        drawn = layer_matched_heads(heads[:k], n_heads, r, random_seed, tag=f"{label} {m}")
+                        out.append(Ablation(drawn, m, epsilon, ranking=f"{LAYER_MATCHED} {label}", k=k, draw=r,
+                                            source=f"random layer-matched to top-{k} of {csv} draw {r} "
+                                                   f"seed {random_seed}"))
+    # the same condition twice (e.g. --top 1,1) is evaluated once
     return list(dict.fromkeys(out))
 
 
@@ -265,10 +427,37 @@ def _condition_fields(ablation: Ablation | None) -> dict:
     return {"condition": ABLATED, "heads": ablation.heads_str, "method": ablation.method, "epsilon": ablation.epsilon}
 
 
+# Where a condition's heads came from; kept out of the response cache (two rankings may pick the
+# same heads: one generation, two conditions).
+TAG_COLUMNS = ["ranking", "k", "draw", "source"]
+STAT_COLUMNS = ["asr_low", "asr_high", "newly_jailbroken", "newly_refused", "mcnemar_p"]
+ASR_COLUMNS = ["dataset", "category", "condition", "heads", "method", "epsilon", "judge", "n", "asr", "n_unparsed",
+               *STAT_COLUMNS, *TAG_COLUMNS]
+
+
+def _condition_tags(ablation: Ablation | None) -> dict:
+    if ablation is None:  # k = 0: no head ablated (the dose-response curve's origin)
+        return {"ranking": BASELINE, "k": 0, "draw": None, "source": ""}
+    return {"ranking": ablation.ranking, "k": ablation.k, "draw": ablation.draw, "source": ablation.source}
+
+
+def _paired_counts(base: dict, ablated: dict) -> tuple[int, int]:
+    """(newly jailbroken, newly refused) over the prompts both conditions' verdicts could be parsed for."""
+    both = [(base[p], v) for p, v in ablated.items() if v is not None and base.get(p) is not None]
+    return sum(1 for b, a in both if a and not b), sum(1 for b, a in both if b and not a)
+
+
 def asr_table(gens: pd.DataFrame, judge_names: Sequence[str]) -> pd.DataFrame:
-    """ASR per dataset (category 'all') and, where prompts have categories, per category."""
+    """ASR per dataset (category 'all') and, where prompts have categories, per category; each with
+    its 95% Wilson interval and, for ablated conditions, the exact McNemar test against the baseline
+    on the same prompts (`stats.py`). Unparsed verdicts are left out of the ASR and of the pairs."""
+    from .stats import mcnemar_exact, wilson_interval
+
+    tags = [c for c in TAG_COLUMNS if c in gens.columns]
+    keys = ["dataset", "condition", "heads", "method", "epsilon", *tags]
+    pair_key = next((c for c in ("prompt_id", "prompt") if c in gens.columns), None)
+    baseline: dict[tuple, dict] = {}  # (dataset, category, judge) -> {prompt: jailbroken}
     rows = []
-    keys = ["dataset", "condition", "heads", "method", "epsilon"]
     for group_key, group in gens.groupby(keys, dropna=False, sort=False):
         base = dict(zip(keys, group_key))
         parts = [("all", group)]
@@ -277,10 +466,24 @@ def asr_table(gens: pd.DataFrame, judge_names: Sequence[str]) -> pd.DataFrame:
             parts += [(c, group[group["category"] == c]) for c in sorted(cats.unique())]
         for cat, part in parts:
             for judge in judge_names:
-                asr, n, unparsed = attack_success_rate(part[f"_v_{judge}"].tolist())
-                rows.append({**base, "category": cat, "judge": judge, "n": n, "asr": asr, "n_unparsed": unparsed})
-    cols = ["dataset", "category", "condition", "heads", "method", "epsilon", "judge", "n", "asr", "n_unparsed"]
-    return pd.DataFrame(rows, columns=cols)
+                verdicts = part[f"_v_{judge}"].tolist()
+                asr, n, unparsed = attack_success_rate(verdicts)
+                low, high = wilson_interval(sum(bool(v.jailbroken) for v in verdicts), n)
+                row = {**base, "category": cat, "judge": judge, "n": n, "asr": asr, "n_unparsed": unparsed,
+                       "asr_low": low, "asr_high": high}
+                by_prompt = dict(zip(part[pair_key] if pair_key else range(len(part)),
+                                     (v.jailbroken for v in verdicts)))
+                slot = (base["dataset"], cat, judge)
+                if base["condition"] == BASELINE:
+                    baseline[slot] = by_prompt
+                elif slot in baseline and pair_key:
+                    b, c = _paired_counts(baseline[slot], by_prompt)
+                    row.update(newly_jailbroken=b, newly_refused=c, mcnemar_p=mcnemar_exact(b, c))
+                rows.append(row)
+    table = pd.DataFrame(rows, columns=ASR_COLUMNS)
+    for col in ("newly_jailbroken", "newly_refused", "k", "draw"):
+        table[col] = table[col].astype("Int64")
+    return table if tags else table.drop(columns=TAG_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +497,9 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
              top_k: int | None = None, temperature: float = 1.0, seed: int | None = None,
              judges: Sequence[str] = (DEFAULT_JUDGE,), judge_options: dict | None = None,
              column: str | None = None, limit: int | None = None, sample: int | None = None, data_seed: int = 0,
-             data_dir: str | None = None, helpfulness: bool = True, harmless_limit: int | None = None,
+             data_dir: str | None = None, random: Sequence[int] = (), repeats: int | None = None,
+             random_seed: int = 0, layer_matched: bool = False, helpfulness: bool = True,
+             harmless_limit: int | None = None,
              lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None, batch_size: int = 16,
              reuse: Sequence[str | Path] = (), out: str | Path | None = None, resume: bool = False,
              force: bool = False, quiet: bool = False,
@@ -302,8 +507,10 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     """Baseline vs ablated generations on `datasets`, judged; ASR and helpfulness; written to `out`.
 
     `model` is a model spec (see `models.load_model`) or an already loaded `LoadedModel`.
-    The ablated conditions are `ablations`, or built from `ablate` / `from_runs` + `top` x `methods`
-    (see `build_ablations`). With `out=None` nothing is written (API use, tests).
+    The ablated conditions are `ablations`, or built from `ablate` / `from_runs` + `top` / `random`
+    x `repeats` (heads drawn with `random_seed`; `layer_matched`) x `methods` (see
+    `build_ablations`). With `out=None` nothing is written (API use, tests). A run with rankings or
+    random draws also draws `dose_response.png/.svg` (ASR vs heads ablated, `plots.dose_response`).
     `reuse`: earlier evaluate run folders whose generations are reused where everything that
     determines them matches (model weights, format, decoding, prompt, ablation) - typically the
     baseline, so a new ablation costs only its own generations."""
@@ -324,9 +531,10 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     judge_names = [j.name for j in judge_objs]
     if len(set(judge_names)) != len(judge_names):
         raise UsageError("the same --judge is given twice")
+    choice = dict(ablate=ablate, from_runs=from_runs, top=top, methods=methods, epsilon=epsilon, random=random,
+                  repeats=repeats, random_seed=random_seed, layer_matched=layer_matched)
     if ablations is None:  # check --from/--top and the score files first: fail fast, before any loading
-        build_ablations(n_layers=None, n_heads=None, ablate=ablate, from_runs=from_runs, top=top, methods=methods,
-                        epsilon=epsilon)
+        build_ablations(n_layers=None, n_heads=None, **choice)
     # validate the datasets before spending time on loading the model
     prompt_sets = [load_prompts(d, column=column, limit=limit, sample=sample, seed=data_seed, data_dir=data_dir)
                    for d in datasets]
@@ -339,8 +547,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     lm, tok = loaded.model, loaded.tokenizer
     n_layers, n_heads = num_layers_heads(lm)
     if ablations is None:
-        ablations = build_ablations(n_layers=n_layers, n_heads=n_heads, ablate=ablate, from_runs=from_runs, top=top,
-                                    methods=methods, epsilon=epsilon)
+        ablations = build_ablations(n_layers=n_layers, n_heads=n_heads, **choice)
     ablations = list(ablations)
 
     decoding = {"format": fmt, "system_prompt": system_prompt, "max_new_tokens": max_new_tokens, "greedy": greedy,
@@ -350,8 +557,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     config = {
         "model": loaded.spec, "datasets": list(datasets), "column": column, "limit": limit, "sample": sample,
         "data_seed": data_seed, **decoding, "judges": [j.describe() for j in judge_objs],
-        "ablations": [{"heads": a.heads_str, "method": a.method, "epsilon": a.epsilon, "source": a.source}
-                      for a in ablations],
+        "random_seed": random_seed, "ablations": [a.describe() for a in ablations],
         "helpfulness": helpfulness, "harmless_limit": harmless_limit, "lm_eval_tasks": list(lm_eval_tasks),
         "batch_size": batch_size,
     }
@@ -371,12 +577,12 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     #    early holds whole conditions
     all_sets = prompt_sets + ([harmless] if harmless is not None else [])
     conditions: list[Ablation | None] = [None, *ablations]
-    wanted: list[str] = []
-    for cond in conditions:
+    wanted: list[tuple[str, dict]] = []  # (cache key, the condition's tags and index)
+    for i, cond in enumerate(conditions):
         for ps in all_sets:
             ckey = BASELINE if cond is None else cond.key
             keys = [_row_key(gen_key, ps.name, pid, p, ckey) for pid, p in zip(ps.ids, ps.prompts)]
-            wanted += keys
+            wanted += [(k, {**_condition_tags(cond), "_cond": i}) for k in keys]
             copied = [reusable[k] for k in keys if k not in cache.rows and k in reusable]
             if copied:  # copy into this run's cache: the run folder stays self-contained
                 cache.add(copied)
@@ -389,13 +595,18 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
                                  system_prompt=system_prompt, max_new_tokens=max_new_tokens, greedy=greedy,
                                  top_k=top_k, temperature=temperature, seed=seed, batch_size=batch_size, quiet=quiet)
 
-    gens = pd.DataFrame([cache.rows[k] for k in wanted])
+    gens = pd.DataFrame([{**cache.rows[k], **tags} for k, tags in wanted])
+    gens[["k", "draw"]] = gens[["k", "draw"]].astype("Int64")  # whole numbers in the JSON lines, not 1.0
 
-    # 2. judge the harmful-set generations with every judge
+    # 2. judge the harmful-set generations with every judge; each distinct (prompt, response) once
+    #    (random controls often answer as the baseline does)
     harmful = gens[gens["dataset"] != HARMLESS].reset_index(drop=True) if harmless is not None else gens
+    pairs = list(zip(harmful["prompt"], harmful["response"]))
+    unique = list(dict.fromkeys(pairs))
     for judge in judge_objs:
-        verdicts = judge.judge(harmful["prompt"].tolist(), harmful["response"].tolist(), progress=not quiet)
-        harmful[f"_v_{judge.name}"] = verdicts
+        verdicts = judge.judge([p for p, _ in unique], [r for _, r in unique], progress=not quiet)
+        by_pair = dict(zip(unique, verdicts))
+        harmful[f"_v_{judge.name}"] = [by_pair[p] for p in pairs]
     asr = asr_table(harmful, judge_names)
 
     # 3. helpfulness on the harmless set
@@ -410,7 +621,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     out_gens = harmful.copy()
     out_gens["verdicts"] = [
         {j: out_gens.at[i, f"_v_{j}"].to_dict() for j in judge_names} for i in range(len(out_gens))]
-    out_gens = out_gens.drop(columns=[f"_v_{j}" for j in judge_names] + ["key"])
+    out_gens = out_gens.drop(columns=[f"_v_{j}" for j in judge_names] + ["key", "_cond"])
     if run is not None:
         lines = [_json_line(r) for r in out_gens.to_dict("records")]
         if harmless is not None:  # harmless responses too, judged by the keyword judges (over-refusal)
@@ -418,6 +629,10 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         run.write_text("generations.jsonl", "\n".join(lines) + "\n")
         outputs = ["generations.jsonl", "asr.csv"]
         run.write_table("asr", asr, formats=("csv",))
+        if set(asr["ranking"]) - {BASELINE, "ablate"}:  # rankings or random draws: a dose-response
+            from .plots import dose_response
+
+            outputs += [p.name for p in dose_response([run_path], run_path / "dose_response").paths]
         if help_df is not None:
             run.write_table("helpfulness", help_df, formats=("csv",))
             outputs.append("helpfulness.csv")
@@ -427,7 +642,8 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
             outputs.append("helpfulness.json")
         overall = asr[asr["category"] == "all"]
         run.finish(outputs=outputs, seed=seed, reused_rows=n_reused,
-                   asr=[{k: r[k] for k in ("dataset", "condition", "heads", "method", "judge", "n", "asr")}
+                   asr=[{k: r[k] for k in ("dataset", "condition", "heads", "method", "judge", "n", "asr", "asr_low",
+                                           "asr_high", "mcnemar_p", "ranking", "k", "draw")}
                         for r in overall.to_dict("records")])
     return EvalResult(run_dir=run_path, asr=asr, helpfulness=help_df, generations=out_gens, ablations=ablations,
                       lm_eval=lm_eval_res, seed=seed)
@@ -435,7 +651,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
 
 def _json_line(record: dict) -> str:
     """One JSON line; pandas' NaN for missing values (e.g. the baseline's epsilon) becomes null."""
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+    clean = {k: (None if v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v) for k, v in record.items()}
     return json.dumps(clean, ensure_ascii=False, default=_json_default, allow_nan=False)
 
 
@@ -492,35 +708,39 @@ def _helpfulness(lm, tok, harmless_gens: pd.DataFrame, harmless, ablations, judg
 
     keyword_judges = [j for j in judge_objs if isinstance(j, KeywordJudge)] or [get_judge(DEFAULT_JUDGE)]
     rows = []
-    for cond in [None, *ablations]:
-        fields = _condition_fields(cond)
-        part = harmless_gens[(harmless_gens["condition"] == fields["condition"])
-                             & (harmless_gens["heads"] == fields["heads"])
-                             & (harmless_gens["method"].fillna("") == (fields["method"] or ""))]
+    for i, cond in enumerate([None, *ablations]):
+        fields = {**_condition_fields(cond), **_condition_tags(cond)}
+        part = harmless_gens[harmless_gens["_cond"] == i]
         for judge in keyword_judges:
             refused = [judge.is_refusal(r) for r in part["response"]]
             rows.append({**fields, "metric": "over_refusal_rate", "judge": judge.name, "n": len(refused),
                          "value": sum(refused) / len(refused) if refused else float("nan")})
     clean = last_token_logprobs(lm, tok, harmless.prompts, fmt=fmt, system_prompt=system_prompt,
                                 batch_size=batch_size)  # [P, V]
-    rows.append({**_condition_fields(None), "metric": "mean_kl", "judge": None, "n": len(clean), "value": 0.0})
-    rows.append({**_condition_fields(None), "metric": "top1_agreement", "judge": None, "n": len(clean), "value": 1.0})
+    base = {**_condition_fields(None), **_condition_tags(None)}
+    rows.append({**base, "metric": "mean_kl", "judge": None, "n": len(clean), "value": 0.0})
+    rows.append({**base, "metric": "top1_agreement", "judge": None, "n": len(clean), "value": 1.0})
+    shifts: dict[str, tuple[float, float]] = {}  # per cache key: two rankings picking the same heads run once
     for cond in ablations:
-        with ablated(lm, list(cond.heads), cond.method, cond.epsilon):
-            abl = last_token_logprobs(lm, tok, harmless.prompts, fmt=fmt, system_prompt=system_prompt,
-                                      batch_size=batch_size)
-        kl, agree = distribution_shift(clean, abl)
-        fields = _condition_fields(cond)
+        if cond.key not in shifts:
+            with ablated(lm, list(cond.heads), cond.method, cond.epsilon):
+                abl = last_token_logprobs(lm, tok, harmless.prompts, fmt=fmt, system_prompt=system_prompt,
+                                          batch_size=batch_size)
+            shifts[cond.key] = distribution_shift(clean, abl)
+        kl, agree = shifts[cond.key]
+        fields = {**_condition_fields(cond), **_condition_tags(cond)}
         rows.append({**fields, "metric": "mean_kl", "judge": None, "n": len(clean), "value": kl})
         rows.append({**fields, "metric": "top1_agreement", "judge": None, "n": len(clean), "value": agree})
-    cols = ["condition", "heads", "method", "epsilon", "metric", "judge", "n", "value"]
-    return pd.DataFrame(rows, columns=cols)
+    cols = ["condition", "heads", "method", "epsilon", "metric", "judge", "n", "value", *TAG_COLUMNS]
+    table = pd.DataFrame(rows, columns=cols)
+    table[["k", "draw"]] = table[["k", "draw"]].astype("Int64")
+    return table
 
 
 def _harmless_lines(harmless_gens: pd.DataFrame, judge_objs) -> list[str]:
     keyword_judges = [j for j in judge_objs if isinstance(j, KeywordJudge)] or [get_judge(DEFAULT_JUDGE)]
     lines = []
-    for rec in harmless_gens.drop(columns=["key"]).to_dict("records"):
+    for rec in harmless_gens.drop(columns=["key", "_cond"]).to_dict("records"):
         rec["verdicts"] = {j.name: {"refused": j.is_refusal(rec["response"])} for j in keyword_judges}
         lines.append(_json_line(rec))
     return lines

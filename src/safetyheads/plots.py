@@ -1,4 +1,5 @@
-"""The paper's figure: Generalized Ships heatmaps with the top safety heads marked.
+"""The paper's figure (Generalized Ships heatmaps with the top safety heads marked) and the
+dose-response figure of an evaluation (`dose_response`: ASR vs heads ablated, found vs random).
 
 One panel per dataset, side by side: x = layer, y = head, colour = Generalized Ships of one method's
 run (Undifferentiated Attention by default) on a blue-to-red map, the top-K heads of Undifferentiated
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from .errors import UsageError
-from .results import Study, dataset_title, load_study, method_title, normalise_dataset
+from .results import (Study, dataset_order, dataset_title, dose_response_table, load_study, method_order, method_title,
+                      normalise_dataset)
 
 FORMATS = ("png", "svg", "pdf")
 COLORMAP = "coolwarm"
@@ -162,6 +165,11 @@ def paper_figure(
     paths = _outputs(Path(out), formats)
     notes = list(study.notes)
     fig = draw_figure(study, top=top, color_method=color_method, datasets=datasets, notes=notes)
+    _save(fig, paths)
+    return FigureResult(paths=paths, notes=notes)
+
+
+def _save(fig, paths: Sequence[Path]) -> None:
     import matplotlib
 
     for path in paths:
@@ -172,4 +180,79 @@ def paper_figure(
         metadata = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]
         with matplotlib.rc_context({"svg.hashsalt": "safetyheads"}):
             fig.savefig(path, dpi=300, format=fmt, metadata=metadata)
-    return FigureResult(paths=paths, notes=notes)
+
+
+# ---------------------------------------------------------------- dose-response
+
+RANDOM_COLOR = "#9e9e9e"
+
+
+def draw_dose_response(table: pd.DataFrame, *, title: str | None = None):
+    """ASR vs number of heads ablated (`results.dose_response_table` rows), one panel per
+    (method, dataset): one line per ranking with its 95% Wilson band, each random control as a
+    grey band from the lowest to the highest draw (dashed: their mean) behind them, and the
+    baseline as a horizontal line. Returns the Figure."""
+    from matplotlib.figure import Figure
+
+    if table.empty or not (table["kind"] != "baseline").any():
+        raise UsageError("no dose-response in the given runs (evaluate with --from/--top or --random)")
+    datasets = dataset_order(table["dataset"])
+    methods = method_order(table["method"].dropna())
+    fig = Figure(figsize=(4.2 * len(datasets) + 0.6, 3.2 * len(methods) + 0.9), layout="constrained")
+    axes = fig.subplots(len(methods), len(datasets), squeeze=False, sharey=True)
+    rankings = list(dict.fromkeys(table.loc[table["kind"] == "ranking", "ranking"]))
+    colors = {r: f"C{i % 10}" for i, r in enumerate(rankings)}
+    ks = sorted(set(table.loc[table["kind"] != "baseline", "k"].astype(int)))
+    handles: dict[str, object] = {}
+    for row, method in enumerate(methods):
+        for col, dataset in enumerate(datasets):
+            ax = axes[row][col]
+            here = table[(table["dataset"] == dataset) & (table["method"] == method)]
+            base = table[(table["dataset"] == dataset) & (table["kind"] == "baseline")]
+            if len(base):
+                b = base.iloc[0]
+                handles["baseline (no ablation)"] = ax.axhline(b["asr"], color="black", lw=1.2, ls=":", zorder=1)
+                if pd.notna(b["low"]):
+                    ax.axhspan(b["low"], b["high"], color="black", alpha=0.06, lw=0, zorder=0)
+            for i, (ranking, g) in enumerate(here[here["kind"] == "random"].groupby("ranking", sort=False)):
+                g = g.sort_values("k")
+                shade = RANDOM_COLOR if ranking == "random" else f"C{(len(rankings) + i) % 10}"
+                ax.fill_between(g["k"], g["low"], g["high"], color=shade, alpha=0.3, lw=0, zorder=2)
+                line, = ax.plot(g["k"], g["asr"], color=shade, ls="--", lw=1.2, marker=".", zorder=2)
+                draws = int(g["draws"].max())
+                handles[f"{ranking} heads (min-max of {draws} draws, mean dashed)"] = line
+            for ranking, g in here[here["kind"] == "ranking"].groupby("ranking", sort=False):
+                g = g.sort_values("k")
+                ax.fill_between(g["k"], g["low"].astype(float), g["high"].astype(float), color=colors[ranking],
+                                alpha=0.15, lw=0, zorder=3)
+                line, = ax.plot(g["k"], g["asr"], color=colors[ranking], marker="o", ms=4, lw=1.6, zorder=4)
+                handles[f"{ranking} (95% Wilson)"] = line
+            if ks and ks[-1] >= 4 * ks[0]:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{dataset_title(dataset)}, {method_title(method)}", fontsize=9)
+            ax.grid(alpha=0.3, lw=0.5)
+            if row == len(methods) - 1:
+                ax.set_xlabel("heads ablated (K)")
+            if col == 0:
+                ax.set_ylabel("attack success rate")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(3, len(handles)),
+               fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9, color="#555555")
+    return fig
+
+
+def dose_response(run_dirs: Sequence[str | Path], out: str | Path, *, judge: str | None = None,
+                  formats: Iterable[str] = ("png", "svg")) -> FigureResult:
+    """Draw the dose-response figure of evaluate run folders (their asr.csv) to `out` (PNG 300 dpi
+    and/or SVG, PDF). `judge`: which judge's ASR (default keywords, else the first)."""
+    study = load_study(run_dirs)
+    frames = [r.asr for r in study.evals if r.asr is not None]
+    table = dose_response_table(pd.concat(frames, ignore_index=True) if frames else None, judge=judge)
+    paths = _outputs(Path(out), formats)
+    judged = table["judge"].iloc[0] if len(table) else None
+    fig = draw_dose_response(table, title=study.model + (f", judge {judged}" if judged else ""))
+    _save(fig, paths)
+    return FigureResult(paths=paths, notes=list(study.notes))

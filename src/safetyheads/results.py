@@ -82,6 +82,12 @@ def paper_order(scores: Iterable[ScoresRun]) -> list[ScoresRun]:
     return sorted(scores, key=lambda r: (datasets.index(r.dataset), methods.index(r.method)))
 
 
+def ships_order(summary: pd.DataFrame) -> pd.DataFrame:
+    """A Ships summary best head first: most prompts with the head among their 10 highest, then the
+    highest mean KL (the order of ships_summary.csv; `evaluate --from` and the report both use it)."""
+    return summary.sort_values(["top10_count", "mean"], ascending=False, kind="stable")
+
+
 # ---------------------------------------------------------------- manifest look-ups
 
 _MODEL_KEYS = ("spec", "name", "id", "model", "path")
@@ -198,7 +204,7 @@ class ScoresRun:
         if self.summary is None:
             return None
         if {"top10_count", "mean"} <= set(self.summary.columns):
-            return self.summary.sort_values(["top10_count", "mean"], ascending=False, kind="stable")
+            return ships_order(self.summary)
         return self.summary
 
 
@@ -547,3 +553,49 @@ def ranking_agreement(rankings: Sequence[Ranking], top: int = 10) -> pd.DataFram
                          "top_overlap": len(shared), "top": min(top, len(a.heads), len(b.heads)),
                          "shared_top": format_heads(shared)})
     return pd.DataFrame(rows, columns=["a", "b", "model", "heads", "spearman", "top_overlap", "top", "shared_top"])
+
+
+# ---------------------------------------------------------------- dose-response
+# ASR against the number of heads ablated: one line per ranking, random draws pooled per K into a
+# band, the baseline as the level everything is compared with. Shared by plots.py and report.py.
+
+DOSE_COLUMNS = ["dataset", "method", "ranking", "kind", "k", "asr", "low", "high", "draws", "judge"]
+
+
+def is_random_ranking(ranking: str) -> bool:
+    """Random-head controls (`random`, `random-layer-matched ...`), as `evaluate` names them."""
+    return str(ranking).startswith("random")
+
+
+def dose_response_table(asr: pd.DataFrame, judge: str | None = None) -> pd.DataFrame:
+    """Dataset-level rows of an evaluate `asr.csv` (one judge: `judge`, else keywords, else the
+    first) as dose-response points: `kind` baseline (k = 0, its Wilson interval, no method),
+    ranking (each K's ASR and Wilson interval) or random (per K over the draws: mean ASR, low/high
+    = the lowest and highest draw). `--ablate` head lists have no K axis and are left out. Empty
+    when the file has no `ranking`/`k` columns (written before they existed)."""
+    if asr is None or not {"ranking", "k", "asr"} <= set(asr.columns):
+        return pd.DataFrame(columns=DOSE_COLUMNS)
+    rows = asr
+    if "category" in rows.columns:
+        rows = rows[rows["category"].astype(str) == "all"]
+    if "judge" in rows.columns and len(rows):
+        judges = list(dict.fromkeys(rows["judge"]))
+        judge = judge or ("keywords" if "keywords" in judges else judges[0])
+        if judge not in judges:
+            raise UsageError(f"no ASR by judge {judge!r} (have: {', '.join(map(str, judges))})")
+        rows = rows[rows["judge"] == judge]
+    out = []
+    for r in rows[rows["condition"] == "baseline"].to_dict("records"):
+        out.append({"dataset": r["dataset"], "method": None, "ranking": "baseline", "kind": "baseline", "k": 0,
+                    "asr": r["asr"], "low": r.get("asr_low"), "high": r.get("asr_high"), "draws": 1})
+    ablated = rows[(rows["condition"] != "baseline") & (rows["ranking"].astype(str) != "ablate")]
+    for (dataset, method, ranking, k), g in ablated.groupby(["dataset", "method", "ranking", "k"], sort=False):
+        if is_random_ranking(ranking):
+            out.append({"dataset": dataset, "method": method, "ranking": ranking, "kind": "random", "k": int(k),
+                        "asr": g["asr"].mean(), "low": g["asr"].min(), "high": g["asr"].max(), "draws": len(g)})
+        else:
+            r = g.iloc[0]
+            out.append({"dataset": dataset, "method": method, "ranking": ranking, "kind": "ranking", "k": int(k),
+                        "asr": r["asr"], "low": r.get("asr_low"), "high": r.get("asr_high"), "draws": 1})
+    table = pd.DataFrame(out, columns=DOSE_COLUMNS).assign(judge=judge)
+    return table.sort_values(["kind", "ranking", "k"], kind="stable").reset_index(drop=True)

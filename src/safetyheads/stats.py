@@ -1,0 +1,39 @@
+"""The statistics every ASR carries: a Wilson interval and a paired exact McNemar test.
+
+An ASR on 100 prompts moves by several points between two runs of equally safe models, so a number
+without its uncertainty cannot say whether ablating heads changed anything. Two things answer that:
+
+- `wilson_interval`: the 95% Wilson score interval of a proportion (scipy's `binomtest(...)
+  .proportion_ci(method="wilson")`). Chosen over the normal (Wald) interval because it stays inside
+  [0, 1] and keeps its coverage at ASRs near 0 or 1 and at small n, where Wald collapses to a point.
+- `mcnemar_exact`: baseline and ablated answers are to the *same* prompts, so the right test is
+  paired: only prompts whose verdict flips carry information. With b prompts newly jailbroken and c
+  newly refused, the exact McNemar p-value is the two-sided binomial test of b successes in b + c
+  trials at 1/2 (p = 1 when nothing flips).
+"""
+
+from __future__ import annotations
+
+import math
+
+CONFIDENCE = 0.95
+
+
+def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """(low, high) Wilson score interval of successes / n; (nan, nan) when n = 0."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return math.nan, math.nan
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def mcnemar_exact(newly_jailbroken: int, newly_refused: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pair counts (1.0 when there are none)."""
+    from scipy.stats import binomtest
+
+    b, c = int(newly_jailbroken), int(newly_refused)
+    if b + c == 0:
+        return 1.0
+    return float(binomtest(b, b + c, 0.5).pvalue)
