@@ -20,8 +20,9 @@ import pandas as pd
 from . import __version__
 from .errors import UsageError
 from .results import (
-    EvalRun, ScoresRun, Study, dataset_order, dataset_title, format_duration, head_rankings, load_study, manifest_field,
-    method_title, paper_order, ranking_agreement, run_seconds,
+    EvalRun, ScoresRun, Study, dataset_order, dataset_title, dose_response_table, format_duration, head_rankings,
+    is_random_ranking, load_study, manifest_field, method_order, method_title, paper_order, ranking_agreement,
+    run_seconds,
 )
 
 COLORSCALE = "RdBu_r"  # blue (low) to red (high), as in the paper figure
@@ -276,6 +277,15 @@ def _labelled(df: pd.DataFrame, run: EvalRun) -> pd.DataFrame:
         else:
             label = " ".join(p for p in (_text(m) or run.method, _text(h) or run.heads) if p)
             labels.append(label or str(condition))
+    if "ranking" in df:  # random draws, and one head list found by two rankings, stay apart
+        rankings = [_text(r) for r in df["ranking"]]
+        draws = df["draw"] if "draw" in df else [None] * len(df)
+        shared = {lab for lab in labels if len({r for l, r in zip(labels, rankings) if l == lab}) > 1}
+        for i, (ranking, draw) in enumerate(zip(rankings, draws)):
+            if is_random_ranking(ranking):
+                labels[i] += f" [{ranking} draw {int(draw)}]" if pd.notna(draw) else f" [{ranking}]"
+            elif labels[i] in shared and ranking not in ("", "baseline"):
+                labels[i] += f" [{ranking}]"
     df["ablation"] = labels
     df["run"] = run.path.name
     return df
@@ -326,18 +336,27 @@ def _baseline_traces(base: pd.DataFrame, x_col: str) -> list[tuple[str, pd.DataF
     return [(f"baseline (no ablation): {run}", g) for run, g in base.groupby("run", sort=False)]
 
 
+def _error_bars(g: pd.DataFrame) -> dict | None:
+    """plotly error bars from the 95% Wilson interval columns, where the file has them."""
+    if not {"asr_low", "asr_high"} <= set(g.columns) or g["asr_low"].isna().all():
+        return None
+    asr = g["asr"].astype(float)
+    return dict(type="data", symmetric=False, array=(g["asr_high"].astype(float) - asr).tolist(),
+                arrayminus=(asr - g["asr_low"].astype(float)).tolist(), thickness=1, width=3)
+
+
 def _asr_chart(page: _Page, df: pd.DataFrame, x_col: str, title: str, div_id: str) -> str:
-    """Grouped bars over `x_col` values: the baseline, then each ablation's ASR."""
+    """Grouped bars over `x_col` values: the baseline, then each ablation's ASR (95% Wilson error bars)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     traces = _baseline_traces(df[df["ablation"] == "baseline"], x_col)
     for name, g in traces:
-        fig.add_trace(go.Bar(x=g[x_col].tolist(), y=g["asr"].tolist(), name=name,
+        fig.add_trace(go.Bar(x=g[x_col].tolist(), y=g["asr"].tolist(), name=name, error_y=_error_bars(g),
                              marker_color="#9e9e9e" if len(traces) == 1 else None,
                              hovertemplate="%{x}<br>baseline ASR %{y:.1%}<extra></extra>"))
     for label, g in df[df["ablation"] != "baseline"].groupby("ablation", sort=False):
-        fig.add_trace(go.Bar(x=g[x_col].tolist(), y=g["asr"].tolist(), name=f"ablated: {label}",
+        fig.add_trace(go.Bar(x=g[x_col].tolist(), y=g["asr"].tolist(), name=f"ablated: {label}", error_y=_error_bars(g),
                              hovertemplate="%{x}<br>ablated ASR %{y:.1%}<extra>" + _e(label) + "</extra>"))
     fig.update_layout(barmode="group", template="plotly_white", height=380, title=dict(text=_e(title), font=dict(size=14)),
                       yaxis=dict(title="attack success rate", tickformat=".0%", range=[0, 1.05]),
@@ -359,7 +378,9 @@ def _section_asr(page: _Page, evals: list[EvalRun]) -> str:
     overall["dataset title"] = overall["dataset"].map(dataset_title)
     others = f" (also in the table: {', '.join(j for j in judges if j != judge)})" if len(judges) > 1 else ""
     parts = [f"<p>Judge shown: <code>{_e(judge)}</code>{_e(others)}. ASR = share of prompts the judge counts as "
-             "jailbroken (answered).</p>"]
+             "jailbroken (answered); intervals: 95% Wilson; McNemar p: paired exact test of the ablated condition "
+             "against the baseline on the same prompts (newly jailbroken vs newly refused).</p>"]
+    parts += _dose_response_charts(page, evals, judge)
     parts.append(_asr_chart(page, overall, "dataset title", "ASR per dataset, before and after ablation", "asr-datasets"))
     for dataset in dataset_order(chosen["dataset"]):
         cats = chosen[(chosen["dataset"] == dataset) & ~chosen["overall"]]
@@ -370,15 +391,84 @@ def _section_asr(page: _Page, evals: list[EvalRun]) -> str:
     keys = ["run", "dataset", "category", "judge"]
     base = rows[rows["ablation"] == "baseline"][keys + ["asr"]].drop_duplicates(subset=keys)
     table = rows[rows["ablation"] != "baseline"].merge(base, on=keys, how="left", suffixes=("", "_baseline"))
+    stats = {"asr_low", "asr_high", "newly_jailbroken", "newly_refused", "mcnemar_p"} <= set(table.columns)
     table = pd.DataFrame({
         "ablation": table["ablation"], "dataset": table["dataset"], "category": table["category"].replace("", "(all)"),
         "judge": table["judge"], "n": table["n"], "baseline ASR": table["asr_baseline"], "ablated ASR": table["asr"],
+        **({"95% CI": _intervals(table)} if stats else {}),
         "change": table["asr"] - table["asr_baseline"],
+        **({"newly jailbroken": _counts(table["newly_jailbroken"]), "newly refused": _counts(table["newly_refused"]),
+            "McNemar p": table["mcnemar_p"]} if stats else {}),
     })
     if table.empty:  # a baseline-only evaluation
         table = rows[keys + ["n", "asr"]].rename(columns={"asr": "baseline ASR"})
+        if {"asr_low", "asr_high"} <= set(rows.columns):
+            table["95% CI"] = _intervals(rows)
     parts.append(_table(table, floatfmt="{:.3f}"))
     return "".join(parts)
+
+
+def _intervals(df: pd.DataFrame) -> list[str]:
+    return [f"{lo:.3f}–{hi:.3f}" if pd.notna(lo) else "" for lo, hi in zip(df["asr_low"], df["asr_high"])]
+
+
+def _counts(values: pd.Series) -> list[str]:
+    return [str(int(v)) if pd.notna(v) else "" for v in values]
+
+
+def _dose_response_charts(page: _Page, evals: list[EvalRun], judge: str) -> list[str]:
+    """Per evaluation run with rankings or random draws, one interactive dose-response chart per
+    (dataset, method): the same picture as `plots.draw_dose_response` (lines with Wilson bands, the
+    random band behind them, the baseline as a line)."""
+    import plotly.graph_objects as go
+
+    parts = []
+    for run in evals:
+        if run.asr is None or judge not in set(run.asr.get("judge", [])):
+            continue
+        table = dose_response_table(run.asr, judge=judge)
+        if not (table["kind"] != "baseline").any():
+            continue
+        for dataset in dataset_order(table["dataset"]):
+            for method in method_order(table.loc[table["dataset"] == dataset, "method"].dropna()):
+                here = table[(table["dataset"] == dataset) & (table["method"] == method)]
+                fig = go.Figure()
+                base = table[(table["dataset"] == dataset) & (table["kind"] == "baseline")]
+                ks = sorted(here["k"].astype(int).unique())
+                if len(base) and ks:
+                    b = base.iloc[0]
+                    fig.add_trace(go.Scatter(x=[ks[0], ks[-1]], y=[b["asr"]] * 2, mode="lines", name="baseline",
+                                             line=dict(color="black", dash="dot"),
+                                             hovertemplate=f"baseline ASR {b['asr']:.1%} "
+                                                           f"[{b['low']:.1%}, {b['high']:.1%}]<extra></extra>"))
+                for kind in ("random", "ranking"):
+                    for ranking, g in here[here["kind"] == kind].groupby("ranking", sort=False):
+                        g = g.sort_values("k")
+                        color = "#9e9e9e" if kind == "random" else None
+                        band = "min–max over draws" if kind == "random" else "95% Wilson"
+                        fig.add_trace(go.Scatter(x=g["k"].tolist(), y=g["high"].tolist(), mode="lines",
+                                                 line=dict(width=0), showlegend=False, hoverinfo="skip",
+                                                 legendgroup=ranking))
+                        fig.add_trace(go.Scatter(x=g["k"].tolist(), y=g["low"].tolist(), mode="lines",
+                                                 line=dict(width=0), fill="tonexty", showlegend=False,
+                                                 hoverinfo="skip", legendgroup=ranking,
+                                                 fillcolor="rgba(158,158,158,0.3)" if kind == "random" else None))
+                        fig.add_trace(go.Scatter(
+                            x=g["k"].tolist(), y=g["asr"].tolist(), mode="lines+markers", name=_e(ranking),
+                            legendgroup=ranking, line=dict(color=color, dash="dash" if kind == "random" else None),
+                            customdata=np.stack([g["low"], g["high"], g["draws"]], axis=1).tolist(),
+                            hovertemplate="K=%{x}: ASR %{y:.1%} [%{customdata[0]:.1%}, %{customdata[1]:.1%}] "
+                                          + band + "<extra>" + _e(ranking) + "</extra>"))
+                logx = ks[-1] >= 4 * ks[0]
+                fig.update_layout(
+                    template="plotly_white", height=380,
+                    title=dict(text=_e(f"Dose-response: {dataset_title(dataset)}, {method_title(method)}"),
+                               font=dict(size=14)),
+                    xaxis=dict(title="heads ablated (K)", type="log" if logx else "linear", tickvals=ks),
+                    yaxis=dict(title="attack success rate", tickformat=".0%", range=[0, 1.02]),
+                    margin=dict(l=60, r=20, t=45, b=60), legend=dict(orientation="h", y=-0.25))
+                parts.append(page.plot(fig, f"dose-{run.path.name}-{dataset}-{method}", height=380))
+    return parts
 
 
 def _section_helpfulness(page: _Page, evals: list[EvalRun]) -> str:

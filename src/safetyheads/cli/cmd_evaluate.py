@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from . import common
 
@@ -44,6 +45,8 @@ def _run(args):
         common.model_config_from_args(args), args.dataset or ["jailbreakbench"],
         ablate=args.ablate or (), from_runs=args.from_runs or (), top=[k for ks in (args.top or []) for k in ks],
         methods=[m for ms in args.method for m in ms] if args.method else ["undifferentiated"],
+        random=[k for ks in (args.random or []) for k in ks], repeats=args.repeats,
+        random_seed=args.seed if args.seed is not None else 0, layer_matched=args.random_layer_matched,
         epsilon=args.epsilon, fmt=args.format, system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens, greedy=not sampling, top_k=args.top_k,
         temperature=args.temperature if args.temperature is not None else 1.0, seed=args.seed,
@@ -56,17 +59,38 @@ def _run(args):
     )
 
 
+def asr_lines(asr) -> str:
+    """The dataset-level ASR table as printed: each ASR with its 95% Wilson interval, and for ablated
+    conditions the prompts newly jailbroken / newly refused vs the baseline and the McNemar p."""
+    overall = asr[asr["category"] == "all"].copy()
+    cols = [c for c in ("dataset", "ranking", "k", "draw", "method", "heads", "judge", "n", "asr") if c in overall]
+    if {"asr_low", "asr_high"} <= set(overall.columns):
+        overall["95% CI"] = [f"[{lo:.2f}, {hi:.2f}]" if lo == lo else "" for lo, hi in
+                             zip(overall["asr_low"], overall["asr_high"])]
+        cols.append("95% CI")
+    if {"newly_jailbroken", "newly_refused", "mcnemar_p"} <= set(overall.columns):
+        ablated = overall["condition"] != "baseline"
+        overall["+jb/+ref"] = [f"{b}/{c}" if a else "" for a, b, c in
+                               zip(ablated, overall["newly_jailbroken"], overall["newly_refused"])]
+        overall["McNemar p"] = [f"{p:.3g}" if a else "" for a, p in zip(ablated, overall["mcnemar_p"])]
+        cols += ["+jb/+ref", "McNemar p"]
+    table = overall[cols].astype(object).where(overall[cols].notna(), "")
+    return table.to_string(index=False, float_format=lambda x: f"{x:.3f}")
+
+
 def _report(result) -> None:
-    overall = result.asr[result.asr["category"] == "all"]
-    print(overall[["dataset", "condition", "method", "heads", "judge", "n", "asr"]].to_string(index=False))
+    print(asr_lines(result.asr))
+    print("+jb/+ref: prompts newly jailbroken / newly refused vs the baseline; McNemar p: paired exact test")
     if result.helpfulness is not None:
         h = result.helpfulness
-        over = h[h["metric"] == "over_refusal_rate"][["condition", "method", "heads", "judge", "n", "value"]]
+        over_cols = [c for c in ("condition", "ranking", "k", "draw", "method", "heads", "judge", "n", "value") if c in h]
+        over = h[h["metric"] == "over_refusal_rate"][over_cols]
+        over = over.astype(object).where(over.notna(), "")
         # one row per condition (the baseline has no method/heads: shown as "-", not dropped as NaN
         # keys, and no cross-product of every method with every head list)
-        keys = ["condition", "method", "heads"]
+        keys = [c for c in ("condition", "ranking", "k", "draw", "method", "heads") if c in h.columns]
         rows = h[h["metric"] != "over_refusal_rate"].copy()
-        rows[keys] = rows[keys].fillna("-").replace("", "-")
+        rows[keys] = rows[keys].astype(object).fillna("-").replace("", "-")
         order = list(dict.fromkeys(map(tuple, rows[keys].to_numpy())))
         shift = rows.pivot_table(index=keys, columns="metric", values="value", sort=False)
         shift = shift.reindex(order).reset_index()
@@ -78,6 +102,8 @@ def _report(result) -> None:
     if result.seed is not None:
         print(f"sampling seed: {result.seed}")
     files = "generations.jsonl, asr.csv" + (", helpfulness.csv/.json" if result.helpfulness is not None else "")
+    if result.run_dir is not None and (Path(result.run_dir) / "dose_response.png").is_file():
+        files += ", dose_response.png/.svg"
     print(f"wrote {result.run_dir}/: {files}")
 
 
@@ -103,10 +129,20 @@ def register(subparsers) -> None:
 
     g = p.add_argument_group("ablation (each head list x each method is one ablated condition)")
     g.add_argument("--ablate", action="append", metavar="HEADS", help="heads LAYER-HEAD, e.g. 2-26,3-8; repeatable")
-    g.add_argument("--from", dest="from_runs", action="append", metavar="RUN_DIR",
-                   help="a gships run folder (generalized_ships.csv); repeatable, e.g. one per method")
+    g.add_argument("--from", dest="from_runs", action="append", metavar="RUN_DIR|FILE",
+                   help="a ranking: a run folder (its generalized_ships.csv, else refusal.csv, ships_summary.csv, "
+                        "sahara.csv, screen.csv) or one of those files; repeatable: every ranking is used for each "
+                        "method it has scores for (one dose-response line each)")
     g.add_argument("--top", action="append", type=_int_list, metavar="K[,K2]",
-                   help="ablate the K best-ranked heads of --from (per method); e.g. 1,3")
+                   help="ablate the K best-ranked heads of each --from ranking (per method); e.g. 1,2,4,8,16")
+    g.add_argument("--random", action="append", type=_int_list, metavar="K[,K2]",
+                   help="random-head controls: K heads drawn uniformly from all heads, --repeats draws per K, "
+                        "seeded by --seed (default 0); the heads are recorded in the manifest")
+    g.add_argument("--repeats", type=int, default=None, metavar="R",
+                   help="independent random draws per K of --random (default 3)")
+    g.add_argument("--random-layer-matched", action="store_true",
+                   help="also draw, per --from ranking and K of --random, K heads from the layers of its top K "
+                        "(as many per layer; the found heads excluded)")
     g.add_argument("--method", action="append", type=_str_list, metavar="M[,M2]",
                    help="undifferentiated (default), scaling, uniform or mean; e.g. undifferentiated,scaling")
     g.add_argument("--epsilon", type=float, default=1e-5, help="ablation factor in (0, 1) (default 1e-5)")
@@ -117,7 +153,8 @@ def register(subparsers) -> None:
     g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely tokens")
     g.add_argument("--temperature", type=float, default=None, metavar="T", help="sampling temperature (default 1)")
     g.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="sampling seed (also the seed of --sample); sampling without one warns and records the seed used")
+                   help="sampling seed (also the seed of --sample and --random); sampling without one warns and "
+                        "records the seed used")
     g.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts per generation batch (default 16)")
 
     g = p.add_argument_group("judges and helpfulness")
