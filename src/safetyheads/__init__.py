@@ -78,6 +78,11 @@ _EXPORTS: dict[str, str] = {
     "EvalResult": "evaluate",
     "build_ablations": "evaluate",
     "heads_from_scores": "evaluate",
+    "random_heads": "evaluate",
+    "wilson_interval": "stats",
+    "mcnemar_exact": "stats",
+    "dose_response": "plots",
+    "dose_response_table": "results",
 }
 
 __all__ = ["__version__", "DownloadError", "SafetyHeadsError", "UnsupportedModelError", "UsageError", *_EXPORTS]
