@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -35,9 +36,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from . import ablation
+from . import ablation, lm_head
 from .ablation import Head, HeadAblator, MeanRecorder
-from .errors import UsageError
+from .errors import UnsupportedModelError, UsageError
 
 WANTS = ("kl", "hidden", "logprobs")
 MAX_GROUP = 64  # prompts per clean-pass mini-batch
@@ -108,16 +109,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _logits(model: nn.Module, last_hidden: torch.Tensor) -> torch.Tensor:
-    """[N, D] final-norm hidden states -> [N, V] float32 logits, as the CausalLM head computes them
-    (including Gemma 2's final soft-capping)."""
-    logits = model.get_output_embeddings()(last_hidden)
-    cap = getattr(ablation.text_config(model), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
-
-
 MIN_SHARED_PREFIX = 4  # shorter common prefixes are not worth a second code path
 
 
@@ -166,14 +157,19 @@ def _cache_kwarg(backbone: nn.Module) -> str:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> CleanCache:
+def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_check: bool = True) -> CleanCache:
     """One clean forward over the prompts (grouped by length, unpadded), recording every decoder
     layer's inputs, the clean last-position log-probs and final-norm hidden states.
 
     With `share_prefix` (default) and a common prefix of at least MIN_SHARED_PREFIX tokens, the
     prefix is recorded once and each group's record covers only its prompts' own tokens (run
-    against the prefix's KV cache), which is what `sweep` replays."""
+    against the prefix's KV cache), which is what `sweep` replays.
+
+    With `self_check` (default; always on in the CLI) the clean log-probs are then compared with
+    the model's own forward on the same left-padded batch (`check_against_forward`), and a model
+    the engine does not reproduce raises UnsupportedModelError instead of being scored."""
     ablation.check_supported(model)
+    transform = lm_head.logit_transform(model)
     input_ids = _field(encoded, "input_ids")  # [P, T] left padded
     mask = _field(encoded, "attention_mask")  # [P, T]
     if input_ids.ndim != 2 or input_ids.shape[0] == 0:
@@ -245,7 +241,7 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> Cle
                 else:
                     backbone(input_ids=ids, use_cache=False)  # the LM head runs below, at the last position only
                 hidden = last_normed[-1]  # [n, D]
-                logits = _logits(model, hidden)
+                logits = lm_head.logits(model, hidden, transform)
                 groups.append(recorded(prompts, logits))
                 if clean_logprobs is None:
                     clean_logprobs = torch.empty(P, logits.shape[-1], dtype=torch.float32)
@@ -256,7 +252,93 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True) -> Cle
     finally:
         for h in handles:
             h.remove()
+    if self_check:
+        check_against_forward(model, encoded, clean_logprobs)
     return CleanCache(model, groups, clean_logprobs, clean_hidden, means, n_layers, n_heads, prefix=prefix)
+
+
+# Largest |log p_engine - log p_model| allowed on the top tokens, by the LM head's dtype. The two
+# sides run the same weights along different paths (unpadded length groups, a shared prefix's KV
+# cache vs one padded batch), so they agree to rounding. Measured on 32 JailbreakBench +
+# MaliciousInstruct prompts (chat and paper formats, CPU): float32 at most 2e-5 (SmolLM2, Qwen2.5),
+# float16 0.03 (SmolLM2), bfloat16 0.37 (SmolLM2) and 0.23 (Qwen2.5): bf16 resolves logits of
+# magnitude 16-32 only to 0.125. The errors the check is for are whole nats (a missed Cohere
+# logit_scale moves log-probs by ~5, a missed Gemma soft-cap by several).
+SELF_CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 0.25, torch.bfloat16: 1.0}
+SELF_CHECK_TOP = 5  # top tokens of each side compared (the far tail of a peaked distribution is all rounding)
+_SELF_CHECK_LOGIT_BYTES = 256 << 20  # all-position logits per forward, for a model without logits_to_keep
+
+
+def _forward_kwargs(model: nn.Module) -> tuple[dict, bool, bool]:
+    """(`logits_to_keep=1` where the model's forward takes it: the LM head on the last position
+    only, as in the engine; whether it did; whether the forward takes position_ids)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}, False, True
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    takes_positions = "position_ids" in params or takes_any
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}, True, takes_positions
+    return {}, False, takes_positions
+
+
+@torch.no_grad()
+def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.Tensor,
+                          tolerance: float | None = None) -> float:
+    """Compare the engine's clean last-position log-probs [P, V] with `model`'s own forward on the
+    same left-padded batch (mini-batches of up to MAX_GROUP prompts: one forward of the clean batch
+    in all, the LM head at the last position only where the forward takes `logits_to_keep`); return the largest |Δ log p| over each prompt's top SELF_CHECK_TOP tokens of either side.
+
+    Raises UnsupportedModelError when it exceeds `tolerance` (default: SELF_CHECK_TOLERANCE for
+    the LM head's dtype): the engine re-implements the final norm + LM head and replays layers from
+    recorded inputs, so anything the model's forward does that the engine does not (an LM-head
+    scaling it does not know, a looped layer, ...) would otherwise give wrong scores silently."""
+    input_ids = _field(encoded, "input_ids")
+    mask = _field(encoded, "attention_mask")
+    try:
+        position_ids = _field(encoded, "position_ids")
+    except (KeyError, AttributeError):
+        position_ids = None
+    if position_ids is None:
+        from .prompts import position_ids_from_mask
+
+        position_ids = position_ids_from_mask(mask)
+    head = model.get_output_embeddings()
+    dtype = head.weight.dtype if isinstance(getattr(head, "weight", None), torch.Tensor) else torch.float32
+    tol = SELF_CHECK_TOLERANCE.get(dtype, 0.5) if tolerance is None else float(tolerance)
+    device = _model_device(model)
+    extra, last_only, takes_positions = _forward_kwargs(model)
+    step = MAX_GROUP
+    if not last_only:  # every position's logits come back: bound their memory
+        step = max(1, min(MAX_GROUP, _SELF_CHECK_LOGIT_BYTES // (4 * input_ids.shape[1] * clean_logprobs.shape[-1])))
+    worst = 0.0
+    for start in range(0, input_ids.shape[0], step):
+        rows = slice(start, start + step)
+        if takes_positions:
+            extra["position_ids"] = position_ids[rows].to(device)
+        out = model(input_ids=input_ids[rows].to(device), attention_mask=mask[rows].to(device),
+                    use_cache=False, **extra)
+        logits = out.logits if hasattr(out, "logits") else out[0]  # [n, 1 or T, V']
+        ref = torch.log_softmax(logits[:, -1].double(), -1).cpu()  # [n, V'] float64
+        ours = clean_logprobs[rows].double()  # [n, V]
+        if ref.shape[-1] != ours.shape[-1]:
+            raise UnsupportedModelError(
+                f"self-check: the engine's LM head gives {ours.shape[-1]} logits, {type(model).__name__}'s own "
+                f"forward {ref.shape[-1]}; not scoring a model the engine does not reproduce")
+        k = min(SELF_CHECK_TOP, ref.shape[-1])
+        top = torch.cat([ref.topk(k, -1).indices, ours.topk(k, -1).indices], -1)  # [n, 2k]
+        delta = (ref.gather(-1, top) - ours.gather(-1, top)).abs()
+        worst = max(worst, float(delta.max()) if delta.isfinite().all() else math.inf)
+        if not worst <= tol:
+            model_type = getattr(model.config, "model_type", None)
+            raise UnsupportedModelError(
+                f"self-check failed: the engine's clean next-token log-probs differ from {type(model).__name__}'s "
+                f"own forward by up to {worst:.3g} nats on the top tokens (tolerance {tol:g} for {str(dtype)[6:]}); "
+                f"model type {model_type!r} does something after or between its layers that the engine does "
+                f"not reproduce (e.g. an LM-head scaling), so it is not scored")
+    return worst
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,6 +550,7 @@ def sweep(
     configs = [ablation._check_heads(c, cache.n_layers, cache.n_heads) for c in configs]
     C, P = len(configs), cache.n_prompts
     V, D = cache.clean_logprobs.shape[-1], cache.clean_hidden.shape[-1]
+    transform = lm_head.logit_transform(cache.model)
     kl = torch.zeros(C, P, dtype=torch.float64) if "kl" in want else None
     hidden = cache.clean_hidden.expand(C, P, D).clone() if "hidden" in want else None
     logprobs = cache.clean_logprobs.expand(C, P, V).clone() if "logprobs" in want else None
@@ -500,7 +583,7 @@ def sweep(
                     chunk = block[pos:pos + per_chunk]
                     last = _replay(cache, group, [configs[i] for i in chunk], [starts_all[i] for i in chunk],
                                    method, epsilon, kv.for_prompts(n, pos) if kv is not None else None)
-                    logits = _logits(cache.model, last) if (kl is not None or logprobs is not None) else None
+                    logits = lm_head.logits(cache.model, last, transform) if (kl is not None or logprobs is not None) else None
                     index = torch.tensor(chunk)
                     if hidden is not None:
                         hidden[index[:, None], prompts[None, :]] = last.float().cpu().view(len(chunk), n, D)
