@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .generation import check_decoding, generate_responses, resolve_seed
 from .judges import DEFAULT_JUDGE, Judge, KeywordJudge, attack_success_rate, get_judge
+from .results import LAYER_MATCHED, RANDOM
 
 Head = tuple[int, int]
 BASELINE = "baseline"
@@ -70,8 +71,6 @@ def heads_to_str(heads: Sequence[Head]) -> str:
 # The ranking files `--from` reads, in the order a folder is searched: the exact maps before a
 # screen's estimate, Generalized Ships first (what `--from RUN` always meant).
 RANKING_FILES = ("generalized_ships.csv", "refusal.csv", "ships_summary.csv", "sahara.csv", "screen.csv")
-RANDOM = "random"
-LAYER_MATCHED = "random-layer-matched"
 DEFAULT_REPEATS = 3
 
 

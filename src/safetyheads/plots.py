@@ -19,8 +19,10 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
-from .results import (Study, dataset_order, dataset_title, dose_response_table, load_study, method_order, method_title,
-                      normalise_dataset)
+from .results import (
+    LAYER_MATCHED, RANDOM, Study, dataset_order, dataset_title, dose_response_table, load_study, method_order,
+    method_title, normalise_dataset,
+)
 
 FORMATS = ("png", "svg", "pdf")
 COLORMAP = "coolwarm"
@@ -198,7 +200,7 @@ def draw_dose_response(table: pd.DataFrame, *, title: str | None = None):
         raise UsageError("no dose-response in the given runs (evaluate with --from/--top or --random)")
     datasets = dataset_order(table["dataset"])
     methods = method_order(table["method"].dropna())
-    fig = Figure(figsize=(4.2 * len(datasets) + 0.6, 3.2 * len(methods) + 0.9), layout="constrained")
+    fig = Figure(figsize=(max(6.4, 4.2 * len(datasets) + 0.6), 3.2 * len(methods) + 1.2), layout="constrained")
     axes = fig.subplots(len(methods), len(datasets), squeeze=False, sharey=True)
     rankings = list(dict.fromkeys(table.loc[table["kind"] == "ranking", "ranking"]))
     colors = {r: f"C{i % 10}" for i, r in enumerate(rankings)}
@@ -216,11 +218,12 @@ def draw_dose_response(table: pd.DataFrame, *, title: str | None = None):
                     ax.axhspan(b["low"], b["high"], color="black", alpha=0.06, lw=0, zorder=0)
             for i, (ranking, g) in enumerate(here[here["kind"] == "random"].groupby("ranking", sort=False)):
                 g = g.sort_values("k")
-                shade = RANDOM_COLOR if ranking == "random" else f"C{(len(rankings) + i) % 10}"
+                shade = RANDOM_COLOR if ranking == RANDOM else f"C{(len(rankings) + i) % 10}"
                 ax.fill_between(g["k"], g["low"], g["high"], color=shade, alpha=0.3, lw=0, zorder=2)
                 line, = ax.plot(g["k"], g["asr"], color=shade, ls="--", lw=1.2, marker=".", zorder=2)
-                draws = int(g["draws"].max())
-                handles[f"{ranking} heads (min-max of {draws} draws, mean dashed)"] = line
+                name = ("random heads" if ranking == RANDOM
+                        else ranking.replace(LAYER_MATCHED + " ", "layer-matched random: "))
+                handles[f"{name} (min-max of {int(g['draws'].max())} draws; dashed: mean)"] = line
             for ranking, g in here[here["kind"] == "ranking"].groupby("ranking", sort=False):
                 g = g.sort_values("k")
                 ax.fill_between(g["k"], g["low"].astype(float), g["high"].astype(float), color=colors[ranking],
@@ -237,7 +240,7 @@ def draw_dose_response(table: pd.DataFrame, *, title: str | None = None):
                 ax.set_xlabel("heads ablated (K)")
             if col == 0:
                 ax.set_ylabel("attack success rate")
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(3, len(handles)),
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=1 if len(datasets) == 1 else 2,
                fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9, color="#555555")

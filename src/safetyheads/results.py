@@ -559,12 +559,14 @@ def ranking_agreement(rankings: Sequence[Ranking], top: int = 10) -> pd.DataFram
 # ASR against the number of heads ablated: one line per ranking, random draws pooled per K into a
 # band, the baseline as the level everything is compared with. Shared by plots.py and report.py.
 
+RANDOM = "random"  # the `ranking` of uniform random-head draws (evaluate --random)
+LAYER_MATCHED = "random-layer-matched"  # + " " + the matched ranking's label (--random-layer-matched)
 DOSE_COLUMNS = ["dataset", "method", "ranking", "kind", "k", "asr", "low", "high", "draws", "judge"]
 
 
 def is_random_ranking(ranking: str) -> bool:
     """Random-head controls (`random`, `random-layer-matched ...`), as `evaluate` names them."""
-    return str(ranking).startswith("random")
+    return str(ranking) == RANDOM or str(ranking).startswith(LAYER_MATCHED + " ")
 
 
 def dose_response_table(asr: pd.DataFrame, judge: str | None = None) -> pd.DataFrame:
