@@ -381,9 +381,12 @@ def _section_asr(page: _Page, evals: list[EvalRun]) -> str:
              "jailbroken (answered); intervals: 95% Wilson; McNemar p: paired exact test of the ablated condition "
              "against the baseline on the same prompts (newly jailbroken vs newly refused).</p>"]
     parts += _dose_response_charts(page, evals, judge)
-    parts.append(_asr_chart(page, overall, "dataset title", "ASR per dataset, before and after ablation", "asr-datasets"))
+    # random draws are in the dose-response charts and the table; as bars they would bury the rest
+    drawn = chosen["ranking"].map(is_random_ranking) if "ranking" in chosen else pd.Series(False, index=chosen.index)
+    bars = overall[~drawn.reindex(overall.index, fill_value=False)]
+    parts.append(_asr_chart(page, bars, "dataset title", "ASR per dataset, before and after ablation", "asr-datasets"))
     for dataset in dataset_order(chosen["dataset"]):
-        cats = chosen[(chosen["dataset"] == dataset) & ~chosen["overall"]]
+        cats = chosen[(chosen["dataset"] == dataset) & ~chosen["overall"] & ~drawn]
         if len(cats):
             parts.append(_asr_chart(page, cats, "category", f"ASR per category: {dataset_title(dataset)}",
                                     f"asr-{dataset}-categories"))
