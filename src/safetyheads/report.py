@@ -398,7 +398,7 @@ def _section_asr(page: _Page, evals: list[EvalRun]) -> str:
     table = pd.DataFrame({
         "ablation": table["ablation"], "dataset": table["dataset"], "category": table["category"].replace("", "(all)"),
         "judge": table["judge"], "n": table["n"], "baseline ASR": table["asr_baseline"], "ablated ASR": table["asr"],
-        **({"95% CI": _intervals(table)} if stats else {}),
+        **({"ablated 95% CI": _intervals(table)} if stats else {}),
         "change": table["asr"] - table["asr_baseline"],
         **({"newly jailbroken": _counts(table["newly_jailbroken"]), "newly refused": _counts(table["newly_refused"]),
             "McNemar p": table["mcnemar_p"]} if stats else {}),
