@@ -90,14 +90,23 @@ class PromptConfig:
 
     format: str = "chat"
     system_prompt: str | None = None
+    # extra chat-template variables (e.g. {"enable_thinking": true}); None: the template's defaults,
+    # except that templates with a thinking switch get enable_thinking=False (prompts.template_kwargs)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _choice("prompt format", self.format, FORMATS)
+        if self.chat_template_kwargs is not None:
+            from .prompts import check_template_kwargs  # light: no torch
+
+            self.chat_template_kwargs = check_template_kwargs(self.chat_template_kwargs)
+            if self.chat_template_kwargs and self.format != "chat":
+                raise UsageError(f"--chat-template-kwargs only applies to the chat format, not {self.format!r}")
 
     def apply(self, tokenizer, prompts: list[str]) -> list[str]:
         from .prompts import format_prompts
 
-        return format_prompts(tokenizer, prompts, self.format, self.system_prompt)
+        return format_prompts(tokenizer, prompts, self.format, self.system_prompt, self.chat_template_kwargs)
 
 
 @dataclass

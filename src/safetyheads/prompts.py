@@ -6,7 +6,9 @@ Left padding puts every prompt's last real token at position -1, so "the next-to
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import UsageError
 
@@ -19,15 +21,78 @@ PAPER_TEMPLATE = "## Query: {query}\n## Answer:"
 REFERENCE_TEMPLATE = "## Query:{query}\n## Answer:"
 
 
-def format_prompts(tokenizer, prompts: list[str], fmt: str, system_prompt: str | None = None) -> list[str]:
+# apply_chat_template arguments format_prompts sets itself (a template variable of that name cannot be passed)
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+THINKING_SWITCH = "enable_thinking"  # Qwen3 / Qwen3.5 templates: thinking unless it is false
+_noted_thinking: set[int] = set()  # templates the non-thinking default was printed for (once per process)
+
+
+def check_template_kwargs(chat_template_kwargs: Any) -> dict[str, Any] | None:
+    """`chat_template_kwargs` as a plain dict of template variables (None stays None); UsageError
+    for anything else, so a typo in --chat-template-kwargs fails before the model loads."""
+    if chat_template_kwargs is None:
+        return None
+    if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
+        raise UsageError(f"--chat-template-kwargs must be a JSON object of template variables, "
+                         f"got {chat_template_kwargs!r}")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(chat_template_kwargs))
+    if reserved:
+        raise UsageError(f"--chat-template-kwargs cannot set {', '.join(reserved)} (safetyheads sets them itself)")
+    return dict(chat_template_kwargs)
+
+
+def _template_source(tokenizer) -> str:
+    """The chat template apply_chat_template would render (the default one of a named set)."""
+    get = getattr(tokenizer, "get_chat_template", None)
+    if callable(get):
+        try:
+            return str(get())
+        except Exception:  # no usable template: format_prompts says so
+            pass
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        return str(template.get("default", ""))
+    return str(template or "")
+
+
+def template_kwargs(tokenizer, chat_template_kwargs: dict[str, Any] | None = None, *,
+                    note: bool = True) -> dict[str, Any]:
+    """The template variables the chat format renders with: the user's `chat_template_kwargs`,
+    plus `enable_thinking=False` when the template has that switch (its source mentions it) and
+    the user did not set it. Qwen3-style templates otherwise open the answer in thinking mode:
+    the scored last position then predicts `<think>` for every prompt (Ships would measure the
+    format, not refusal) and a judge reads reasoning instead of the answer. The default is printed
+    once per template and process (`note`), since it changes the model input."""
+    kwargs = check_template_kwargs(chat_template_kwargs) or {}
+    source = _template_source(tokenizer)
+    if THINKING_SWITCH in source and THINKING_SWITCH not in kwargs:
+        kwargs[THINKING_SWITCH] = False
+        if note and hash(source) not in _noted_thinking:
+            _noted_thinking.add(hash(source))
+            print("note: this chat template has a thinking mode; prompts are formatted for non-thinking answers "
+                  "(enable_thinking=False). Pass --chat-template-kwargs '{\"enable_thinking\": true}' to study "
+                  "thinking mode.", file=sys.stderr)
+    return kwargs
+
+
+def format_prompts(tokenizer, prompts: list[str], fmt: str, system_prompt: str | None = None,
+                   chat_template_kwargs: dict[str, Any] | None = None) -> list[str]:
     """Turn plain requests into model input text.
 
     `chat`: the tokenizer's chat template with the generation prompt (assistant turn opened), optional system
-    message; `paper`: PAPER_TEMPLATE; `reference`: REFERENCE_TEMPLATE (the reference code's spacing); `raw`: the request itself."""
+    message, and the template variables of `template_kwargs` (`chat_template_kwargs`, non-thinking answers by
+    default where the template can think); `paper`: PAPER_TEMPLATE; `reference`: REFERENCE_TEMPLATE (the
+    reference code's spacing); `raw`: the request itself."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if system_prompt is not None and fmt != "chat":
         raise UsageError(f"--system-prompt only applies to the chat format, not {fmt!r}")
+    if chat_template_kwargs and fmt != "chat":
+        raise UsageError(f"--chat-template-kwargs only applies to the chat format, not {fmt!r}")
     if fmt == "raw":
         return list(prompts)
     if fmt == "paper":
@@ -36,11 +101,12 @@ def format_prompts(tokenizer, prompts: list[str], fmt: str, system_prompt: str |
         return [REFERENCE_TEMPLATE.format(query=q) for q in prompts]
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError("this model's tokenizer has no chat template; use --format paper or --format raw")
+    variables = template_kwargs(tokenizer, chat_template_kwargs)
     texts = []
     for q in prompts:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
         messages.append({"role": "user", "content": q})
-        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **variables))
     return texts
 
 

@@ -6,6 +6,7 @@ into the matching config dataclass (which validates them and raises UsageError o
 from __future__ import annotations
 
 import argparse
+import json
 
 from ..config import (
     ATTN_IMPLEMENTATIONS,
@@ -19,6 +20,7 @@ from ..config import (
     PromptConfig,
     RunConfig,
 )
+from ..errors import UsageError
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +55,9 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--format", default="chat", choices=FORMATS,
                    help="chat: the model's chat template; paper: '## Query: ...\\n## Answer:'; reference: the same without the space, as the reference code; raw: as is (default chat)")
     g.add_argument("--system-prompt", default=None, metavar="TEXT", help="system message (chat format only)")
+    g.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help="extra chat-template variables as a JSON object, e.g. '{\"enable_thinking\": true}' "
+                        "(chat format only; templates with a thinking switch default to enable_thinking=false)")
 
 
 def add_run_args(parser: argparse.ArgumentParser, out_required: bool = False) -> None:
@@ -75,8 +80,22 @@ def data_config_from_args(args: argparse.Namespace) -> DataConfig:
                       seed=args.seed, data_dir=args.data_dir)
 
 
+def template_kwargs_from_arg(text: str | None) -> dict | None:
+    """--chat-template-kwargs JSON -> dict (PromptConfig checks it is an object of template variables)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--chat-template-kwargs is not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--chat-template-kwargs must be a JSON object, e.g. '{{\"enable_thinking\": true}}', got {text!r}")
+    return value
+
+
 def prompt_config_from_args(args: argparse.Namespace) -> PromptConfig:
-    return PromptConfig(format=args.format, system_prompt=args.system_prompt)
+    return PromptConfig(format=args.format, system_prompt=args.system_prompt,
+                        chat_template_kwargs=template_kwargs_from_arg(getattr(args, "chat_template_kwargs", None)))
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
