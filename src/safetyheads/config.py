@@ -24,6 +24,10 @@ SCREEN_PROBES = 8
 # (screen.SubspaceProbes): the largest 2 singular directions beyond the rank exactly, 2 random-sign probes
 # for the rest. Up to 4 + rank prompts this is the complete first-order formula.
 SUBSPACE_PROBES = 4
+# A sweep chunk gathers whole consecutive layers until it holds at least this many rows (ablation
+# configurations x prompts): a sweep call over few rows runs small, slow matrix products (one SmolLM2
+# layer with 5 prompts is 45 rows), while a chunk is also what a kill can lose (pipeline.plan_chunks).
+CHUNK_ROWS = 1024
 
 T = TypeVar("T")
 

@@ -39,6 +39,7 @@ benchmarks/screen_vs_exact.py measures how well the ranking agrees with the exac
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -375,102 +376,166 @@ def _batches(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
-           targets: Sequence[str] = ("ships", "gships"), probes: int = DEFAULT_PROBES, random_probes: int = 0, rank: int = 1,
-           center: bool = False, full_subspace: bool = False, subspace_probes: int = DEFAULT_SUBSPACE_PROBES,
-           seed: int = 0, clean_hidden: torch.Tensor | None = None, batch_size: int = 8,
-           progress: bool = True) -> ScreenResult:
-    """Estimate every head's Ships (per prompt) and/or Generalized Ships from gradients.
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """Parameters need no gradients (only the taps do); restored afterwards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class Screener:
+    """One screen split into prompt slices, so that a run folder can compute, save and resume it
+    slice by slice (`run_screen`) and `screen` can run it in one go. Every slice is computed the
+    same way whichever process runs it and whenever; `combine` turns the slices' raw measurements
+    (per-prompt KL estimates and subspace projections) into the scores.
 
     Cost: one forward pass with autograd plus `probes` backward passes for ships, plus one forward
-    pass without autograd and `rank` + about `subspace_probes` backward passes for gships (which
-    needs all prompts' clean hidden states before it can choose its probe directions; see
-    `SubspaceProbes`). Parameters never get gradients. `full_subspace=True` probes every right
-    singular direction exactly (up to P backward passes): the complete first-order angle with no
-    sampling noise (for checks; it is also what small P gets anyway). `seed` fixes the random signs.
-    `random_probes` adds Gaussian probes of the rest of the Fisher spectrum (see `fisher_probes`).
-    `clean_hidden` [P, D] (e.g. the engine's `CleanCache.clean_hidden`) saves gships' clean pass.
+    pass without autograd (none with `clean_hidden`) and `rank` + about `subspace_probes` backward
+    passes for gships (which needs all prompts' clean hidden states before it can choose its probe
+    directions; see `SubspaceProbes`). Parameters never get gradients. `full_subspace=True` probes
+    every right singular direction exactly (up to P backward passes): the complete first-order
+    angle with no sampling noise (it is also what few prompts get anyway). `seed` fixes the random
+    signs. `random_probes` adds Gaussian probes of the rest of the Fisher spectrum (`fisher_probes`).
     """
-    targets = tuple(targets)
-    n_prompts = len(encoded)
-    check_screen_args(method, epsilon, targets, probes, rank, n_prompts, subspace_probes)
-    n_layers, n_heads = ablation.num_layers_heads(model)
-    result = ScreenResult(method=method, epsilon=float(epsilon), n_layers=n_layers, n_heads=n_heads,
-                          rank=rank, center=center, probes=probes if "ships" in targets else 0)
-    start = time.perf_counter()
-    slices = _batches(n_prompts, batch_size)
-    device = next(model.parameters()).device
 
-    # gships needs the clean subspace first: one plain forward pass over all prompts.
-    basis = None
-    if "gships" in targets:
-        t0 = time.perf_counter()
-        if clean_hidden is not None:
-            m = clean_hidden.detach().double().cpu()  # [P, D]
-        else:
-            with torch.no_grad():
-                m = torch.cat([_last_hidden(model, encoded[s].to(device)).double().cpu() for s in slices])  # [P, D]
-            result.n_forward += 1
-        if center:
-            m = m - m.mean(0, keepdim=True)
-        u_full, sv, vh = torch.linalg.svd(m, full_matrices=True)  # u [P, P], sv [min(P, D)], vh [D, D]
-        sv_full = torch.zeros(n_prompts, dtype=torch.float64)
-        sv_full[: sv.shape[0]] = sv
-        if float(sv_full[rank - 1]) <= float(sv_full[0]) * 1e-12:
-            raise UsageError(f"the clean hidden states have rank below {rank}: Generalized Ships is undefined")
-        basis = subspace_probes_for(u_full, sv_full, vh, rank, subspace_probes, seed=seed, exact=full_subspace)
-        result.subspace_exact, result.subspace_random = len(basis.exact), basis.n_random * rank
-        gships_dirs = basis.directions.to(device)  # [N, D]
-        result.timings["gships_clean_pass"] = time.perf_counter() - t0
+    def __init__(self, model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
+                 targets: Sequence[str] = ("ships", "gships"), probes: int = DEFAULT_PROBES, random_probes: int = 0,
+                 rank: int = 1, center: bool = False, full_subspace: bool = False,
+                 subspace_probes: int = DEFAULT_SUBSPACE_PROBES, seed: int = 0,
+                 clean_hidden: torch.Tensor | None = None, batch_size: int = 8):
+        self.targets = tuple(targets)
+        self.n_prompts = len(encoded)
+        check_screen_args(method, epsilon, self.targets, probes, rank, self.n_prompts, subspace_probes)
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        self.model, self.encoded, self.method, self.epsilon = model, encoded, method, float(epsilon)
+        self.probes, self.random_probes = probes, random_probes
+        self.n_layers, self.n_heads = ablation.num_layers_heads(model)
+        self.slices = _batches(self.n_prompts, batch_size)
+        self.device = next(model.parameters()).device
+        self.result = ScreenResult(method=method, epsilon=float(epsilon), n_layers=self.n_layers,
+                                   n_heads=self.n_heads, rank=rank, center=center,
+                                   probes=probes if "ships" in self.targets else 0)
+        self.basis: SubspaceProbes | None = None
+        if "gships" in self.targets:
+            # gships needs the clean subspace first: one plain forward pass over all prompts.
+            t0 = time.perf_counter()
+            if clean_hidden is not None:
+                m = clean_hidden.detach().double().cpu()  # [P, D]
+            else:
+                with torch.no_grad():
+                    m = torch.cat([_last_hidden(model, encoded[s].to(self.device)).double().cpu()
+                                   for s in self.slices])  # [P, D]
+                self.result.n_forward += 1
+            if center:
+                m = m - m.mean(0, keepdim=True)
+            u_full, sv, vh = torch.linalg.svd(m, full_matrices=True)  # u [P, P], sv [min(P, D)], vh [D, D]
+            sv_full = torch.zeros(self.n_prompts, dtype=torch.float64)
+            sv_full[: sv.shape[0]] = sv
+            if float(sv_full[rank - 1]) <= float(sv_full[0]) * 1e-12:
+                raise UsageError(f"the clean hidden states have rank below {rank}: Generalized Ships is undefined")
+            self.basis = subspace_probes_for(u_full, sv_full, vh, rank, subspace_probes, seed=seed,
+                                             exact=full_subspace)
+            self.result.subspace_exact, self.result.subspace_random = len(self.basis.exact), self.basis.n_random * rank
+            self.result.timings["gships_clean_pass"] = time.perf_counter() - t0
 
-    ships = torch.zeros(n_prompts, n_layers, n_heads, dtype=torch.float64) if "ships" in targets else None
-    captured = torch.zeros(n_prompts, dtype=torch.float64) if "ships" in targets else None
-    proj = (torch.zeros(basis.directions.shape[0], n_prompts, n_layers, n_heads, dtype=torch.float64)
-            if basis is not None else None)
+    @property
+    def n_directions(self) -> int:
+        """Subspace probe directions (gships), each one backward pass per slice."""
+        return 0 if self.basis is None else int(self.basis.directions.shape[0])
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # only activations need gradients; restored below
-        p.requires_grad_(False)
-    bar = tqdm(total=n_prompts, desc=f"screen {method}", unit="prompt", disable=not progress)
-    try:
-        for s in slices:
-            enc = encoded[s].to(device)
-            tap = _Tap(method, epsilon, with_grad=True)
-            with torch.enable_grad(), ablation.attached(model, tap):
-                h = _last_hidden(model, enc)  # [b, D], in the graph of every tap
-            taps = [tap.taps[layer] for layer in range(n_layers)]
-            directions: list[torch.Tensor] = []  # each [b, D]
-            if ships is not None:
-                q, cap, _ = fisher_probes(model, h.detach(), probes, random_probes=random_probes,
-                                          seed=s.start)  # q [b, m, D]
-                captured[s] = cap.cpu()
-                directions += [q[:, j] for j in range(q.shape[1])]
-            n_ships = len(directions)
-            if basis is not None:
-                directions += [v.to(h.dtype).expand_as(h) for v in gships_dirs]
+    def run_slice(self, s: slice) -> dict[str, torch.Tensor]:
+        """Screen the prompts of one slice: {"ships": [b, L, H] estimated KL, "captured": [b] share
+        of tr(G) kept} for ships, {"proj": [N, b, L, H] directionᵀΔĥ_p} for gships (float64)."""
+        L, H = self.n_layers, self.n_heads
+        enc = self.encoded[s].to(self.device)
+        tap = _Tap(self.method, self.epsilon, with_grad=True)
+        with _frozen(self.model), torch.enable_grad(), ablation.attached(self.model, tap):
+            h = _last_hidden(self.model, enc)  # [b, D], in the graph of every tap
+        taps = [tap.taps[layer] for layer in range(L)]
+        out: dict[str, torch.Tensor] = {}
+        directions: list[torch.Tensor] = []  # each [b, D]
+        if "ships" in self.targets:
+            q, cap, _ = fisher_probes(self.model, h.detach(), self.probes, random_probes=self.random_probes,
+                                      seed=s.start)  # q [b, m, D]
+            out["captured"] = cap.double().cpu()
+            out["ships"] = torch.zeros(h.shape[0], L, H, dtype=torch.float64)
+            directions += [q[:, j] for j in range(q.shape[1])]
+        n_ships = len(directions)
+        if self.basis is not None:
+            out["proj"] = torch.zeros(self.n_directions, h.shape[0], L, H, dtype=torch.float64)
+            directions += [v.to(self.device, h.dtype).expand_as(h) for v in self.basis.directions]
+        with _frozen(self.model):
             for j, direction in enumerate(directions):
                 grads = torch.autograd.grad((h * direction).sum(), taps, retain_graph=j < len(directions) - 1,
                                             allow_unused=True)
-                prod = _head_products(tap, grads, n_layers, n_heads, h.shape[0])  # [b, L, H]
+                prod = _head_products(tap, grads, L, H, h.shape[0])  # [b, L, H]
                 if j < n_ships:
-                    ships[s] += 0.5 * prod.square()
+                    out["ships"] += 0.5 * prod.square()
                 else:
-                    proj[j - n_ships, s] = prod
-            result.n_backward += len(directions)
-            del tap, taps, h
-            bar.update(s.stop - s.start)
-    finally:
-        bar.close()
-        for p in params:
-            p.requires_grad_(True)
-    result.n_forward += 1
+                    out["proj"][j - n_ships] = prod
+        self.result.n_backward += len(directions)
+        return out
 
-    if ships is not None:
-        result.ships, result.fisher_captured = ships, captured
-    if basis is not None:
-        if center:
-            proj = proj - proj.mean(1, keepdim=True)  # ΔM is centred like M
-        result.gships = subspace_rotation(basis, proj)
+    def combine(self, parts: Sequence[dict[str, torch.Tensor]]) -> ScreenResult:
+        """The slices' measurements (in slice order) -> the ScreenResult with every head's scores."""
+        result = self.result
+        result.n_forward += 1
+        if "ships" in self.targets:
+            result.ships = torch.cat([p["ships"] for p in parts])            # [P, L, H]
+            result.fisher_captured = torch.cat([p["captured"] for p in parts])  # [P]
+        if self.basis is not None:
+            proj = torch.cat([p["proj"] for p in parts], dim=1)               # [N, P, L, H]
+            if result.center:
+                proj = proj - proj.mean(1, keepdim=True)  # ΔM is centred like M
+            result.gships = subspace_rotation(self.basis, proj)
+        return result
+
+    # -- a slice as a run-folder chunk (float64 columns: a resumed run reads back the same bits) --
+    def slice_frame(self, s: slice, part: dict[str, torch.Tensor]) -> pd.DataFrame:
+        """One row per (prompt, layer, head) of the slice; columns ships, captured, proj_0.. as measured."""
+        b, L, H = s.stop - s.start, self.n_layers, self.n_heads
+        prompt, layer, head = np.meshgrid(np.arange(s.start, s.stop), np.arange(L), np.arange(H), indexing="ij")
+        cols: dict[str, np.ndarray] = {"prompt": prompt.ravel(), "layer": layer.ravel(), "head": head.ravel()}
+        if "ships" in part:
+            cols["ships"] = part["ships"].numpy().ravel()
+            cols["captured"] = np.repeat(part["captured"].numpy(), L * H)
+        for n in range(self.n_directions):
+            cols[f"proj_{n}"] = part["proj"][n].numpy().ravel()
+        return pd.DataFrame(cols)
+
+    def frame_slice(self, df: pd.DataFrame) -> dict[str, torch.Tensor]:
+        """`slice_frame`'s inverse."""
+        L, H = self.n_layers, self.n_heads
+        b = len(df) // (L * H)
+        part: dict[str, torch.Tensor] = {}
+        if "ships" in df:
+            part["ships"] = torch.from_numpy(df["ships"].to_numpy(np.float64).reshape(b, L, H).copy())
+            part["captured"] = torch.from_numpy(df["captured"].to_numpy(np.float64).reshape(b, L * H)[:, 0].copy())
+        if self.n_directions:
+            part["proj"] = torch.from_numpy(np.stack([df[f"proj_{n}"].to_numpy(np.float64).reshape(b, L, H)
+                                                      for n in range(self.n_directions)]))
+        return part
+
+
+def screen(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
+           progress: bool = True, **options: Any) -> ScreenResult:
+    """Estimate every head's Ships (per prompt) and/or Generalized Ships from gradients, in one go
+    (options: see `Screener`)."""
+    start = time.perf_counter()
+    screener = Screener(model, encoded, method, epsilon, **options)
+    parts = []
+    with tqdm(total=screener.n_prompts, desc=f"screen {method}", unit="prompt", disable=not progress) as bar:
+        for s in screener.slices:
+            parts.append(screener.run_slice(s))
+            bar.update(s.stop - s.start)
+    result = screener.combine(parts)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -551,13 +616,20 @@ ACCURACY_NOTE = ("screen scores are gradient estimates, not exact scores. Measur
 def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
                out: str | Path, method: str = "undifferentiated", epsilon: float = 1e-5,
                target: str = "gships", mode: str = "screen", top_k: int = 40, probes: int = DEFAULT_PROBES,
-               subspace_probes: int = DEFAULT_SUBSPACE_PROBES, rank: int = 1, center: bool = False, layers: str | None = None, heads: str | None = None,
-               batch_size: int = 8, resume: bool = False, force: bool = False, quiet: bool = False) -> ScreenRun:
+               subspace_probes: int = DEFAULT_SUBSPACE_PROBES, rank: int = 1, center: bool = False,
+               layers: str | None = None, heads: str | None = None, batch_size: int = 8,
+               chunk_rows: int | None = None, resume: bool = False, force: bool = False,
+               quiet: bool = False) -> ScreenRun:
     """`safetyheads screen`: estimate every head's score from gradients and write screen.csv
     (layer, head, method, score, rank) into the run folder `out`. mode='auto' also scores the top
     `top_k` heads exactly and writes them as the exact analysis would (ships.csv +
-    ships_summary.csv, or generalized_ships.csv) restricted to those heads."""
-    from . import analyses, scores
+    ships_summary.csv, or generalized_ships.csv) restricted to those heads.
+
+    Both stages go through the pipeline like every analysis: the screen saves one chunk per slice
+    of `batch_size` prompts (`screen_P00000`, ...), the exact stage the same layer chunks as
+    `run_ships`/`run_gships`, so a killed run resumes to byte-identical files and torchrun ranks
+    share the chunks."""
+    from . import analyses, distributed, pipeline, scores
     from .prompts import encode
 
     if mode not in ("screen", "auto"):
@@ -566,62 +638,106 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
         raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if method not in SCREEN_METHODS:
         raise UsageError(f"screen supports --method {', '.join(SCREEN_METHODS)}, not {method!r}")
-    inputs = analyses._resolve("screen", model, data, prompt, method=method, epsilon=epsilon, layers=layers,
-                               heads=heads, extra={"target": target, "mode": mode, "top_k": int(top_k),
-                                                   "probes": int(probes), "subspace_probes": int(subspace_probes),
-                                                   "rank": int(rank), "center": bool(center)})
+    if top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {top_k}")
+    chunk_rows = pipeline.CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
+    inputs = pipeline.resolve("screen", model, data, prompt, method=method, epsilon=epsilon, layers=layers,
+                              heads=heads, extra={"target": target, "mode": mode, "top_k": int(top_k),
+                                                  "probes": int(probes), "subspace_probes": int(subspace_probes),
+                                                  "rank": int(rank), "center": bool(center),
+                                                  "batch_size": int(batch_size), "chunk_rows": chunk_rows})
     n_prompts = len(inputs.texts)
     check_screen_args(method, epsilon, (target,), probes, rank, n_prompts, subspace_probes)
     if target == "gships":
         scores.check_rank(rank, n_prompts, center=center)
-    run = analyses._open_run(out, inputs, resume=resume, force=force)
+    run = pipeline.open_run(out, inputs, resume=resume, force=force)
     lm = inputs.loaded.model
     encoded = encode(inputs.loaded.tokenizer, inputs.texts, device=getattr(lm, "device", None))
     t0 = time.perf_counter()
-    if mode == "auto":
-        auto = auto_scores(lm, encoded, method, epsilon, target=target, top_k=top_k, probes=probes,
-                           subspace_probes=subspace_probes, rank=rank,
-                           center=center, allowed=inputs.heads, batch_size=batch_size, progress=not quiet)
-        result = auto.screen
-    else:
-        result = screen(lm, encoded, method, epsilon, targets=(target,), probes=probes,
+    # the engine's clean pass: the exact stage needs it, and it supplies the screen's clean subspace
+    cache = pipeline.clean_cache(inputs) if (mode == "auto" or target == "gships") else None
+    screener = Screener(lm, encoded, method, epsilon, targets=(target,), probes=probes,
                         subspace_probes=subspace_probes, rank=rank, center=center, batch_size=batch_size,
-                        progress=not quiet)
+                        clean_hidden=cache.clean_hidden if cache is not None else None)
+    keys = {f"screen_P{s.start:05d}": s for s in screener.slices}
+    run.plan({key: s.stop - s.start for key, s in keys.items()})                # [scale-out]
+    todo = [key for key in keys if not run.chunk_done(key)]
+    bar_off = quiet or not distributed.is_main()
+    with tqdm(total=n_prompts, initial=n_prompts - sum(keys[k].stop - keys[k].start for k in todo),
+              desc=f"screen {method}", unit="prompt", disable=bar_off) as bar:
+        for key in todo:
+            s = keys[key]
+            run.write_chunk(key, screener.slice_frame(s, screener.run_slice(s)))
+            bar.update(s.stop - s.start)
+    run.sync(cache)                                                              # [scale-out]
+    saved = run.read_chunks("screen_P")
+    result = screener.combine([screener.frame_slice(saved[saved["prompt"].between(s.start, s.stop - 1)])
+                               for s in screener.slices])
     table = result.table(target)
     allowed = set(inputs.heads)
     table = table[[(int(a), int(b)) in allowed for a, b in zip(table["layer"], table["head"])]]
     table = table.assign(rank=np.arange(1, len(table) + 1)).reset_index(drop=True)
     run.write_table("screen", table)
-    finish: dict[str, Any] = {"screen_top_heads": analyses._head_list(table.head(10)),
-                              "screen_seconds": result.seconds, "n_forward": result.n_forward,
-                              "n_backward": result.n_backward}
+    finish: dict[str, Any] = {"screen_top_heads": pipeline.head_list(table.head(10)),
+                              "n_forward": result.n_forward, "n_backward_per_slice":
+                              screener.n_directions + (probes if target == "ships" else 0),
+                              "subspace_exact": result.subspace_exact, "subspace_random": result.subspace_random}
     if result.fisher_captured is not None:
         finish["fisher_captured_mean"] = float(result.fisher_captured.mean())
     exact = None
     note = ACCURACY_NOTE
     if mode == "auto":
-        ids = inputs.prompt_set.ids
-        if target == "ships":
-            kl_table = scores.ships_table(auto.exact_kl, auto.heads, ids, method)
-            summary = scores.ships_summary(kl_table)
-            run.write_table("ships", kl_table)
-            run.write_table("ships_summary", summary)
-            exact = scores.rank_by_score(summary.rename(columns={"mean": "score"})[["layer", "head", "method", "score"]])
-            estimate = np.array([float(result.ships[:, a, b].mean()) for a, b in auto.heads])
-            truth = auto.exact_kl.mean(1).numpy()
-        else:
-            exact = scores.gships_table(auto.heads, auto.exact_angle, method)
-            run.write_table("generalized_ships", exact)
-            estimate = np.array([float(result.gships[a, b]) for a, b in auto.heads])
-            truth = auto.exact_angle
-        rho = _spearman(estimate, truth)
-        finish.update(top_heads=analyses._head_list(exact.head(10)), exact_seconds=auto.seconds_exact,
-                      screen_vs_exact_spearman_top_k=rho)
-        note = (f"exact scores for the screen's top {len(auto.heads)} heads; within them the screen's "
+        chosen = [(int(a), int(b)) for a, b in zip(table["layer"], table["head"])][:top_k]
+        # the exact stage: the same chunks, keys and files as `ships` / `gships` over these heads
+        with pipeline.WorkBar(f"exact top {len(chosen)}", quiet, inputs.n_layers, n_prompts) as bar:
+            if target == "ships":
+                exact, estimate = _auto_exact_ships(run, inputs, cache, bar, chosen, method, epsilon, chunk_rows,
+                                                    result)
+            else:
+                exact, estimate = _auto_exact_gships(run, inputs, cache, bar, chosen, method, epsilon, chunk_rows,
+                                                     rank, center, result)
+        truth = exact.set_index(["layer", "head"]).loc[list(estimate), "score"].to_numpy()
+        rho = _spearman(np.array(list(estimate.values())), truth)
+        finish.update(top_heads=pipeline.head_list(exact.head(10)), screen_vs_exact_spearman_top_k=rho)
+        note = (f"exact scores for the screen's top {len(chosen)} heads; within them the screen's "
                 f"estimates have Spearman {rho:.2f} with the exact scores. {ACCURACY_NOTE}")
     finish["seconds"] = time.perf_counter() - t0
     run.finish(finish)
     return ScreenRun(Path(out), table, exact, note)
+
+
+def _auto_exact_ships(run, inputs, cache, bar, chosen: list[Head], method: str, epsilon: float, chunk_rows: int,
+                      result: ScreenResult) -> tuple[pd.DataFrame, dict[Head, float]]:
+    from . import analyses, pipeline, scores
+    for chunk, key in pipeline.pending_chunks(run, inputs, bar, "ships_L", pipeline.plan_chunks(chosen, len(inputs.texts),
+                                                                                                 chunk_rows)):
+        table, _ = analyses._ships_chunk(cache, inputs, chunk, method, epsilon, False, on_work=bar.advance)
+        run.write_chunk(key, table)
+        bar.heads(len(chunk))
+    run.sync(cache)                                                              # [scale-out]
+    kl_table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
+    kl_table = kl_table[scores.SHIPS_COLUMNS].reset_index(drop=True)
+    summary = scores.ships_summary(kl_table)
+    run.write_table("ships", kl_table)
+    run.write_table("ships_summary", summary)
+    exact = scores.rank_by_score(summary.rename(columns={"mean": "score"})[["layer", "head", "method", "score"]])
+    return exact, {h: float(result.ships[:, h[0], h[1]].mean()) for h in chosen}
+
+
+def _auto_exact_gships(run, inputs, cache, bar, chosen: list[Head], method: str, epsilon: float, chunk_rows: int,
+                       rank: int, center: bool, result: ScreenResult) -> tuple[pd.DataFrame, dict[Head, float]]:
+    from . import analyses, pipeline, scores
+    basis = scores.clean_subspace(cache.clean_hidden, rank, center=center)
+    for chunk, key in pipeline.pending_chunks(run, inputs, bar, "gships_L", pipeline.plan_chunks(chosen, len(inputs.texts),
+                                                                                                  chunk_rows)):
+        values = analyses._gships_scores(cache, [[h] for h in chunk], method, epsilon, basis, rank, center,
+                                         on_work=bar.advance)
+        run.write_chunk(key, scores.gships_table(chunk, values, method)[["layer", "head", "method", "score"]])
+        bar.heads(len(chunk))
+    run.sync(cache)                                                              # [scale-out]
+    exact = scores.rank_by_score(run.read_chunks("gships_"))
+    run.write_table("generalized_ships", exact)
+    return exact, {h: float(result.gships[h[0], h[1]]) for h in chosen}
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

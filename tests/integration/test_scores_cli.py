@@ -25,8 +25,8 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_kill9_then_resume_gives_identical_files(tmp_path):
-    # the last 5 layers: 5 chunks, cheap to replay, still long enough to kill the run in the middle
-    args = ["ships", *BASE, "--limit", "3", "--layers", "25-29", "--quiet"]
+    # the last 5 layers, one chunk each: cheap to replay, still long enough to kill the run in the middle
+    args = ["ships", *BASE, "--limit", "3", "--layers", "25-29", "--chunk-rows", "1", "--quiet"]
     full, part = tmp_path / "full", tmp_path / "part"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(_cli(*args, "--out", str(full)), capture_output=True, text=True, env=env, timeout=600)
@@ -115,3 +115,41 @@ def test_empty_dataset_and_different_run(tmp_path, capsys):
     assert err[-1].startswith("error:") and "different run" in err[-1]
     assert main(["gships", *BASE, "--limit", "3", "--layers", "28", "--out", str(out), "--quiet", "--force"]) == 0
     assert set(pd.read_csv(out / "generalized_ships.csv")["layer"]) == {28}
+
+
+@pytest.mark.parametrize("args,files", [
+    # screen: one chunk per prompt slice (4 slices of 1 prompt)
+    (["screen", "--target", "gships", "--batch-size", "1", "--layers", "26-29"], ["screen.csv", "screen.parquet"]),
+    # auto: the screen's chunk, then the exact top 6 one layer chunk at a time
+    (["gships", "--mode", "auto", "--top-k", "6", "--chunk-rows", "1", "--layers", "26-29"],
+     ["screen.csv", "screen.parquet", "generalized_ships.csv", "generalized_ships.parquet"]),
+])
+def test_screen_and_auto_kill9_then_resume_give_identical_files(tmp_path, args, files):
+    args = [args[0], *BASE, "--limit", "4", *args[1:], "--quiet"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(_cli(*args, "--out", str(full)), capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    n_total = len(list((full / "chunks").glob("*.parquet")))
+    assert n_total >= 2
+
+    proc = subprocess.Popen(_cli(*args, "--out", str(part)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
+    chunks = part / "chunks"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if chunks.is_dir() and any(p.suffix == ".parquet" for p in chunks.iterdir()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before a chunk was written: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 1 <= len(list(chunks.glob("*.parquet"))) < n_total and not (part / files[0]).exists()
+
+    resumed = subprocess.run(_cli(*args, "--out", str(part), "--resume"), capture_output=True, text=True,
+                             env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in files:
+        assert (part / name).read_bytes() == (full / name).read_bytes(), name
+    manifest = json.loads((part / "manifest.json").read_text())
+    assert manifest.get("resumed") and manifest.get("finished")

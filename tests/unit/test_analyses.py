@@ -155,7 +155,7 @@ def test_sahara_topk_candidates_come_from_step1_or_a_gships_run(loaded, prompts,
 
 def test_resume_skips_done_chunks_and_gives_identical_files(loaded, prompts, tmp_path, monkeypatch):
     full = tmp_path / "full"
-    analyses.run_ships(loaded, prompts, "raw", out=full, quiet=True)
+    analyses.run_ships(loaded, prompts, "raw", out=full, chunk_rows=1, quiet=True)
     part = tmp_path / "part"
     import safetyheads.engine as engine
     real_sweep, calls, interrupt = engine.sweep, [], [True]
@@ -171,13 +171,13 @@ def test_resume_skips_done_chunks_and_gives_identical_files(loaded, prompts, tmp
 
     monkeypatch.setattr(engine, "sweep", failing_sweep)
     with pytest.raises(Interrupted):
-        analyses.run_ships(loaded, prompts, "raw", out=part, quiet=True)
+        analyses.run_ships(loaded, prompts, "raw", out=part, chunk_rows=1, quiet=True)
     assert not (part / "ships.csv").exists()
     with pytest.raises(UsageError):                                       # same run, no --resume: refused
-        analyses.run_ships(loaded, prompts, "raw", out=part, quiet=True)
+        analyses.run_ships(loaded, prompts, "raw", out=part, chunk_rows=1, quiet=True)
     calls.clear()
     interrupt[0] = False
-    analyses.run_ships(loaded, prompts, "raw", out=part, quiet=True, resume=True)
+    analyses.run_ships(loaded, prompts, "raw", out=part, chunk_rows=1, quiet=True, resume=True)
     assert [c[0][0][0] for c in calls] == [1, 2]                          # layer 0 was not recomputed
     for name in ("ships.csv", "ships_summary.csv"):
         assert (part / name).read_bytes() == (full / name).read_bytes()
@@ -228,7 +228,7 @@ def _percent(state: str) -> int:
 
 
 def test_progress_bar_counts_compute_and_starts_at_the_resumed_work(loaded, prompts, tmp_path, capsys, monkeypatch):
-    analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "full", method="scaling")
+    analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "full", method="scaling", chunk_rows=1)
     states = _bar_states(capsys.readouterr().err, "ships scaling")
     assert states and _percent(states[-1]) == 100 and "12/12 heads" in states[-1]
     percents = [_percent(s) for s in states]
@@ -247,10 +247,10 @@ def test_progress_bar_counts_compute_and_starts_at_the_resumed_work(loaded, prom
 
     monkeypatch.setattr(engine, "sweep", failing_sweep)
     with pytest.raises(KeyboardInterrupt):
-        analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "part", method="scaling", quiet=True)
+        analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "part", method="scaling", chunk_rows=1, quiet=True)
     monkeypatch.setattr(engine, "sweep", real_sweep)
     capsys.readouterr()
-    analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "part", method="scaling", resume=True)
+    analyses.run_ships(loaded, prompts, "raw", out=tmp_path / "part", method="scaling", chunk_rows=1, resume=True)
     states = _bar_states(capsys.readouterr().err, "ships scaling")
     assert _percent(states[0]) == 50 and "4/12 heads" in states[0]
     assert _percent(states[-1]) == 100 and "12/12 heads" in states[-1]
@@ -261,3 +261,23 @@ def test_sahara_progress_bar_ends_full_across_steps(loaded, prompts, tmp_path, c
     states = _bar_states(capsys.readouterr().err, "sahara undifferentiated")
     assert _percent(states[-1]) == 100 and "step 2/2" in states[-1]
     assert "14/14 heads tried" in states[-1]                             # 12 at step 1, then 2 of the top 3
+
+
+def test_chunks_hold_whole_layers_and_enough_rows():
+    from safetyheads.pipeline import chunk_key, plan_chunks
+    heads = [(layer, h) for layer in range(5) for h in range(3)]
+    # 3 heads x 4 prompts = 12 rows per layer: 25 rows need 3 layers; the rest is one short chunk
+    chunks = plan_chunks(list(reversed(heads)), 4, 25)
+    assert chunks == [heads[:9], heads[9:]]
+    assert [chunk_key("g_L", c) for c in chunks] == ["g_L000-002", "g_L003-004"]
+    assert plan_chunks(heads, 4, 1) == [heads[i:i + 3] for i in range(0, 15, 3)]  # one layer each
+    assert chunk_key("g_L", plan_chunks(heads, 4, 1)[2]) == "g_L002"
+    assert plan_chunks(heads, 100, 25) == [heads[i:i + 3] for i in range(0, 15, 3)]
+    with pytest.raises(UsageError, match="--chunk-rows"):
+        plan_chunks(heads, 4, 0)
+
+
+def test_bad_chunk_rows_is_refused_before_the_run_folder(loaded, prompts, tmp_path):
+    with pytest.raises(UsageError, match="--chunk-rows"):
+        analyses.run_gships(loaded, prompts, "raw", out=tmp_path / "g", chunk_rows=0, quiet=True)
+    assert not (tmp_path / "g").exists()

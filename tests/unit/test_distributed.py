@@ -142,7 +142,8 @@ def test_torchrun_two_processes_write_byte_identical_files(tiny_model_dir, tmp_p
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
-    common = ["--model", str(tiny_model_dir), "--dataset", str(prompts), "--device", "cpu", "--quiet"]
+    common = ["--model", str(tiny_model_dir), "--dataset", str(prompts), "--device", "cpu", "--quiet",
+              "--chunk-rows", "1"]  # one chunk per layer
     commands = {
         "ships": ["ships", *common, "--method", "scaling", "--with-gships"],
         "sahara": ["sahara", *common, "--group-size", "2"],

@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
     engine.sweep = stop_second
     try:
         with pytest.raises(KeyboardInterrupt):
-            analyses.run_gships(loaded, prompts, "raw", out=root / "cut", quiet=True)
+            analyses.run_gships(loaded, prompts, "raw", out=root / "cut", chunk_rows=1, quiet=True)
     finally:
         engine.sweep = real
     make_eval_run(root)

@@ -26,6 +26,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     common.add_prompt_args(p)
     _add_ablation_args(p)
     common.add_run_args(p)
+    add_chunk_args(p)
+
+
+def add_chunk_args(p: argparse.ArgumentParser) -> None:
+    from ..config import CHUNK_ROWS
+    p.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, metavar="N",
+                   help="save results every N rows of work or more (heads x prompts, whole layers): smaller "
+                        "loses less to a kill, larger runs bigger batches (default %(default)s)")
 
 
 def _inputs(args) -> tuple:
@@ -35,7 +43,7 @@ def _inputs(args) -> tuple:
 
 def _ablation(args) -> dict:
     return dict(method=args.method, epsilon=args.epsilon, layers=args.layers, heads=args.heads,
-                out=args.out, resume=args.resume, force=args.force, quiet=args.quiet)
+                out=args.out, chunk_rows=args.chunk_rows, resume=args.resume, force=args.force, quiet=args.quiet)
 
 
 def _print_top(df, columns, quiet: bool, n: int = 10) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import SCREEN_PROBES, SUBSPACE_PROBES
 from . import common
-from .cmd_scores import _add_ablation_args, _add_rank_args, _inputs, _print_top
+from .cmd_scores import _add_ablation_args, _add_rank_args, _inputs, _print_top, add_chunk_args
 
 
 def cmd_screen(args) -> int:
@@ -12,7 +12,8 @@ def cmd_screen(args) -> int:
     result = run_screen(*_inputs(args), out=args.out, method=args.method, epsilon=args.epsilon, target=args.target,
                         mode=args.mode, top_k=args.top_k, probes=args.probes,
                         subspace_probes=args.subspace_probes, rank=args.rank, center=args.center,
-                        layers=args.layers, heads=args.heads, batch_size=args.batch_size, resume=args.resume,
+                        layers=args.layers, heads=args.heads, batch_size=args.batch_size,
+                        chunk_rows=args.chunk_rows, resume=args.resume,
                         force=args.force, quiet=args.quiet)
     if result.exact is not None:
         _print_top(result.exact, ["rank", "layer", "head", "score"], args.quiet)
@@ -72,6 +73,7 @@ def register(subparsers) -> None:
     common.add_prompt_args(p)
     _add_ablation_args(p)
     common.add_run_args(p)
+    add_chunk_args(p)
     _add_rank_args(p)
     g = p.add_argument_group("screen")
     g.add_argument("--target", default="gships", metavar="ships|gships",
