@@ -119,7 +119,7 @@ def resolve(command: str, model: Any, data: Any, prompt: Any, *, method: str, ep
              layers: str | None, heads: str | None, extra: dict) -> Inputs:
     """Validate the cheap options, load model and prompts, and build the manifest config."""
     from .ablation import num_layers_heads
-    from .prompts import format_prompts
+    from .prompts import format_prompts, template_kwargs
     check_ablation(method, epsilon)
     if int(extra.get("chunk_rows", 1)) < 1:
         raise UsageError(f"--chunk-rows must be at least 1, got {extra['chunk_rows']}")
@@ -128,7 +128,11 @@ def resolve(command: str, model: Any, data: Any, prompt: Any, *, method: str, ep
     n_layers, n_heads = num_layers_heads(loaded.model)
     selected = select_heads(n_layers, n_heads, layers=layers, heads=heads)
     fmt, system_prompt = prompt_options(prompt)
-    texts = format_prompts(loaded.tokenizer, list(prompt_set.prompts), fmt, system_prompt)
+    # --chat-template-kwargs (PromptConfig.chat_template_kwargs); recorded below as the template variables
+    # actually used (with the non-thinking default), only when there are any: older runs keep their config
+    user_vars = plain(prompt).get("chat_template_kwargs") if isinstance(plain(prompt), dict) else None
+    texts = format_prompts(loaded.tokenizer, list(prompt_set.prompts), fmt, system_prompt, user_vars)
+    template_vars = template_kwargs(loaded.tokenizer, user_vars, note=False) if fmt == "chat" else {}
     config = {
         "model": getattr(loaded, "spec", None),
         "weights_sha256": getattr(loaded, "weights_sha256", None),
@@ -140,6 +144,7 @@ def resolve(command: str, model: Any, data: Any, prompt: Any, *, method: str, ep
                  "options": plain(data) if not isinstance(data, type(prompt_set)) else None},
         "format": fmt,
         "system_prompt": system_prompt,
+        **({"chat_template_kwargs": template_vars} if template_vars else {}),
         # The exact model inputs decide the scores; their hash makes a resume with other prompts fail.
         "inputs_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
         "method": method,

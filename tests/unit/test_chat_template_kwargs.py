@@ -115,3 +115,59 @@ def test_cli_option():
         common.prompt_config_from_args(_args("--chat-template-kwargs", "[1]"))
     with pytest.raises(UsageError, match="only applies to the chat format"):
         common.prompt_config_from_args(_args("--format", "paper", "--chat-template-kwargs", '{"a": 1}'))
+
+
+# ------------------------------------------------------------------------------- through a real run
+
+
+def _loaded(chat_template: str):
+    from safetyheads.models import LoadedModel
+    from tiny_chat import tiny_model, tiny_tokenizer
+
+    return LoadedModel(model=tiny_model("llama", layers=2), tokenizer=tiny_tokenizer(chat_template),
+                       spec="tiny-llama", revision=None, weights_sha256=None, source="memory")
+
+
+# tiny_chat's ChatML template with Qwen3's switch
+CHATML_THINKING = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("user,recorded", [(None, {"enable_thinking": False}),
+                                           ({"enable_thinking": True}, {"enable_thinking": True})])
+def test_a_run_records_the_template_variables_it_used(tmp_path, user, recorded):
+    """gships through the pipeline: the manifest's config holds the variables the prompts were
+    rendered with, and the inputs hash is that of those texts."""
+    import hashlib
+    import json
+
+    from safetyheads import analyses
+    from safetyheads.data import PromptSet
+
+    loaded = _loaded(CHATML_THINKING)
+    data = PromptSet(name="tiny", prompts=["tell me a joke", "hi there"], ids=[0, 1], categories=[None, None],
+                     source="memory", sha256=None)
+    analyses.run_gships(loaded, data, PromptConfig(chat_template_kwargs=user), out=tmp_path / "run",
+                        method="scaling", layers="1", quiet=True)
+    config = json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]
+    assert config["chat_template_kwargs"] == recorded
+    think = "<think>\n\n</think>\n\n" if recorded == {"enable_thinking": False} else ""
+    texts = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{think}" for q in data.prompts]
+    assert config["inputs_sha256"] == hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+
+
+def test_runs_without_template_variables_keep_their_config(tmp_path):
+    import json
+
+    from safetyheads import analyses
+    from safetyheads.data import PromptSet
+    from tiny_chat import CHAT_TEMPLATE
+
+    data = PromptSet(name="tiny", prompts=["tell me a joke", "hi there"], ids=[0, 1], categories=[None, None],
+                     source="memory", sha256=None)
+    analyses.run_gships(_loaded(CHAT_TEMPLATE), data, "chat", out=tmp_path / "run", method="scaling",
+                        layers="1", quiet=True)
+    assert "chat_template_kwargs" not in json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]
