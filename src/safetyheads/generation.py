@@ -170,16 +170,20 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, heads: Seque
                        method: str = "undifferentiated", epsilon: float = 1e-5, fmt: str = "chat",
                        system_prompt: str | None = None, max_new_tokens: int = 128, greedy: bool = True,
                        top_k: int | None = None, temperature: float = 1.0, seed: int | None = None,
-                       batch_size: int = 16, progress: bool = True, desc: str = "generate") -> Generations:
+                       batch_size: int = 16, progress: bool = True, desc: str = "generate",
+                       chat_template_kwargs: dict | None = None) -> Generations:
     """Answer raw `prompts` (formatted with `fmt`) with `heads` ablated during the whole generation.
 
     `heads=()` generates with the unablated model. Greedy by default; sampling (`greedy=False`)
-    uses `top_k` / `temperature` and `seed` (warned about and chosen when missing)."""
-    from .prompts import format_prompts
+    uses `top_k` / `temperature` and `seed` (warned about and chosen when missing).
+    `chat_template_kwargs`: template variables of the chat format (prompts.format_prompts; templates
+    with a thinking switch answer without thinking unless they say otherwise)."""
+    from .prompts import format_prompts, template_kwargs
 
     check_decoding(max_new_tokens, greedy, top_k, temperature)
     seed = resolve_seed(greedy, seed)
-    texts = format_prompts(tokenizer, list(prompts), fmt, system_prompt=system_prompt)
+    texts = format_prompts(tokenizer, list(prompts), fmt, system_prompt=system_prompt,
+                           chat_template_kwargs=chat_template_kwargs)
     if heads:
         from .ablation import ablated
 
@@ -191,4 +195,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, heads: Seque
                              temperature=temperature, seed=seed, batch_size=batch_size, progress=progress,
                              desc=desc)
     gen.settings.update({"format": fmt, "system_prompt": system_prompt})
+    variables = template_kwargs(tokenizer, chat_template_kwargs, note=False) if fmt == "chat" else {}
+    if variables:  # only when there are any: settings of earlier generations stay comparable
+        gen.settings["chat_template_kwargs"] = variables
     return gen

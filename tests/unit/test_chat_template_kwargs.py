@@ -171,3 +171,24 @@ def test_runs_without_template_variables_keep_their_config(tmp_path):
     analyses.run_gships(_loaded(CHAT_TEMPLATE), data, "chat", out=tmp_path / "run", method="scaling",
                         layers="1", quiet=True)
     assert "chat_template_kwargs" not in json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]
+
+
+@pytest.mark.parametrize("user,recorded", [(None, {"enable_thinking": False}),
+                                           ({"enable_thinking": True}, {"enable_thinking": True})])
+def test_generation_uses_and_records_them(user, recorded, monkeypatch):
+    from safetyheads import generation
+
+    seen: list[list[str]] = []
+    original = generation.generate_texts
+
+    def spy(model, tokenizer, texts, **kwargs):
+        seen.append(list(texts))
+        return original(model, tokenizer, texts, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_texts", spy)
+    loaded = _loaded(CHATML_THINKING)
+    gen = generation.generate_responses(loaded.model, loaded.tokenizer, ["hi there"], max_new_tokens=2,
+                                        progress=False, chat_template_kwargs=user)
+    assert gen.settings["chat_template_kwargs"] == recorded
+    think = "<think>\n\n</think>\n\n" if recorded == {"enable_thinking": False} else ""
+    assert seen == [[f"<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n{think}"]]
