@@ -24,9 +24,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import methods
 from .errors import UnsupportedModelError, UsageError
 
-METHODS = ("undifferentiated", "uniform", "scaling", "mean")
+METHODS = methods.names()  # what each one means: methods.py
 Head = tuple[int, int]
 
 # model_type values whose tiny random models pass tests/unit/test_ablation*.py and test_engine*.py.
@@ -117,13 +118,10 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 
 
 def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise UsageError(f"unknown ablation method {method!r}; choose one of {', '.join(METHODS)}")
+    methods.get(method)
 
 
-def check_epsilon(epsilon: float) -> None:
-    if not (0.0 < float(epsilon) < 1.0):
-        raise UsageError(f"epsilon must be between 0 and 1 (exclusive), got {epsilon}")
+check_epsilon = methods.check_epsilon
 
 
 def _check_heads(heads: Sequence[Head], n_layers: int, n_heads: int) -> list[Head]:
@@ -294,24 +292,22 @@ def factor_tables(
     n_heads: int,
     repeat: int = 1,
 ) -> FactorTables:
-    """One row per (config, repeat) — config-major: row c*repeat + r — ablating config c's heads."""
-    check_method(method)
-    if method in ("undifferentiated", "scaling"):
-        check_epsilon(epsilon)
+    """One row per (config, repeat) — config-major: row c*repeat + r — ablating config c's heads;
+    the method's `acts_on` decides which table holds its factor."""
+    spec = methods.checked(method, epsilon)
     rows = len(configs)
     table = torch.ones(rows, n_layers, n_heads, dtype=torch.float32)  # [C, L, H]
     flag = torch.zeros(rows, n_layers, n_heads, dtype=torch.bool)
     for c, heads in enumerate(configs):
         for layer, h in _check_heads(heads, n_layers, n_heads):
             flag[c, layer, h] = True
-    factor = {"undifferentiated": float(epsilon), "uniform": 0.0, "scaling": float(epsilon), "mean": 0.0}[method]
-    table[flag] = factor
+    table[flag] = spec.factor(epsilon)
     if repeat != 1:
         table = table.repeat_interleave(repeat, dim=0)  # [C*repeat, L, H]
         flag = flag.repeat_interleave(repeat, dim=0)
-    if method in ("undifferentiated", "uniform"):
+    if spec.acts_on == "query":
         return FactorTables(q_scale=table)
-    if method == "scaling":
+    if spec.acts_on == "output":
         return FactorTables(o_scale=table)
     return FactorTables(mean_mask=flag)
 
@@ -466,9 +462,7 @@ def ablated(model: nn.Module, heads: Sequence[Head], method: str, epsilon: float
     block, including `model.generate()` with a KV cache (prompt and generated tokens alike).
     `mean` takes each head's mean output from the first forward pass in the block (the prompt pass
     of `generate`: the batch's prompts, real positions) and keeps it for the following steps."""
-    check_method(method)
-    if method in ("undifferentiated", "scaling"):
-        check_epsilon(epsilon)
+    methods.checked(method, epsilon)
     with HeadAblator.from_configs(model, [list(heads)], method, epsilon) as ablator:
         yield ablator
 
@@ -500,32 +494,39 @@ def _head_dim(model: nn.Module) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
+def _surgery_method(method: str, epsilon: float) -> methods.Method:
+    """The method, if a weight edit realises it (UnsupportedModelError with the reason otherwise)."""
+    spec = methods.get(method)
+    if spec.surgery is None:
+        usable = ", ".join(m for m in methods.names() if methods.get(m).surgery)
+        raise UnsupportedModelError(f"{spec.no_surgery}; use {usable}")
+    spec.check_epsilon(epsilon)
+    return spec
+
+
 @torch.no_grad()
 def surgery(model: nn.Module, heads: Sequence[Head], method: str, epsilon: float = 1e-5) -> nn.Module:
     """Edit weights in place so that the plain model computes the ablation:
     undifferentiated/uniform scale the head's rows of the query projection (weight and bias) by
-    ε/0; scaling scales the head's input columns of the output projection by ε."""
+    ε/0; scaling scales the head's input columns of the output projection by ε (the method's
+    `surgery` edit in methods.py)."""
     check_supported(model)
-    check_method(method)
-    if method == "mean":
-        raise UnsupportedModelError("surgery cannot realise 'mean' ablation (it needs a bias the output projection may not have)")
-    if method != "uniform":
-        check_epsilon(epsilon)
+    spec = _surgery_method(method, epsilon)
     model_type = text_config(model).model_type
     n_layers, n_heads = num_layers_heads(model)
     heads = _check_heads(heads, n_layers, n_heads)
-    if method in ("undifferentiated", "uniform") and model_type in _Q_NORM:
+    if spec.surgery == "q_rows" and model_type in _Q_NORM:
         raise UnsupportedModelError(
             f"surgery cannot realise {method} attention on {_Q_NORM[model_type]} ({model_type}): "
             "it normalises the query after q_proj, which undoes any scaling of the weights; use the hook ablation"
         )
     q_name, layout, o_name = _SURGERY[model_type]
     hd = _head_dim(model)
-    factor = 0.0 if method == "uniform" else float(epsilon)
+    factor = spec.factor(epsilon)
     layers = decoder_layers(model)
     for layer, h in heads:
         attn = attention_module(layers[layer])
-        if method == "scaling":
+        if spec.surgery == "o_cols":
             o = getattr(attn, o_name)
             o.weight[:, h * hd:(h + 1) * hd] *= factor  # columns read head h's output
             continue
@@ -547,11 +548,7 @@ def surgery_checkpoint(model_config: Any, heads: str | Sequence[Head], method: s
     out_dir = Path(out).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"output folder {out} is not empty; choose another --out or pass --force")
-    check_method(method)
-    if method == "mean":
-        raise UnsupportedModelError("surgery cannot realise 'mean' ablation; use undifferentiated, uniform or scaling")
-    if method != "uniform":
-        check_epsilon(epsilon)
+    spec = _surgery_method(method, epsilon)
     loaded = model_config.load()
     model = loaded.model
     n_layers, n_heads = num_layers_heads(model)
@@ -563,7 +560,7 @@ def surgery_checkpoint(model_config: Any, heads: str | Sequence[Head], method: s
     note = {
         "heads": [list(h) for h in head_list],
         "method": method,
-        "epsilon": None if method == "uniform" else float(epsilon),
+        "epsilon": spec.recorded_epsilon(epsilon),
         "model": getattr(loaded, "spec", None),
         "source": getattr(loaded, "source", None),
         "weights_sha256": getattr(loaded, "weights_sha256", None),

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from . import ablation, lm_head
+from . import ablation, lm_head, methods
 from .ablation import Head, HeadAblator, MeanRecorder
 from .errors import UnsupportedModelError, UsageError
 
@@ -446,7 +446,7 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
     layers = ablation.decoder_layers(model)
     n = max(1, len(group.prompts))  # the prefix record has one row
     ablator = HeadAblator.from_configs(model, configs, method, epsilon, repeat=n,
-                                       mean_values=cache.head_means if method == "mean" else None)
+                                       mean_values=cache.head_means if methods.get(method).acts_on == "mean" else None)
     hidden: torch.Tensor | None = None  # [rows, T, D]
     joined = 0
     with ablator:
@@ -541,9 +541,7 @@ def sweep(
     `on_work(n)` is told after every chunk the layer passes x prompts it replayed (a config that
     starts in layer l costs L - l per prompt), for a caller's progress bar; after an out-of-memory
     retry it is told the block's work back as a negative number."""
-    ablation.check_method(method)
-    if method in ("undifferentiated", "scaling"):
-        ablation.check_epsilon(epsilon)
+    methods.checked(method, epsilon)
     unknown = set(want) - set(WANTS)
     if unknown:
         raise UsageError(f"unknown sweep outputs {sorted(unknown)}; choose from {', '.join(WANTS)}")

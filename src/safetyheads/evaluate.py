@@ -235,7 +235,8 @@ def build_ablations(*, n_layers: int | None, n_heads: int | None, ablate: Sequen
     draws do not depend on the method (all methods ablate the same random heads). With
     `n_layers=None` only the options and the files are checked, without a model (a fast check
     before loading); head lists and draws need the model's size and are skipped."""
-    from .ablation import METHODS, parse_heads
+    from . import methods as method_registry
+    from .ablation import parse_heads
 
     top, random = _listify(top, int), _listify(random, int)
     ablate, methods = _listify(ablate, str), _listify(methods, str)
@@ -257,11 +258,9 @@ def build_ablations(*, n_layers: int | None, n_heads: int | None, ablate: Sequen
         raise UsageError(f"--repeats must be at least 1 (got {repeats})")
     if layer_matched and not (random and from_runs):
         raise UsageError("--random-layer-matched needs --random K and --from (the ranking whose layers to match)")
-    if not (0 < epsilon < 1):
-        raise UsageError(f"--epsilon must be in (0, 1) (got {epsilon})")
+    method_registry.check_epsilon(epsilon)
     for m in methods:
-        if m not in METHODS:
-            raise UsageError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+        method_registry.get(m)
 
     files = [ranking_file(run) for run in from_runs]
     labels = [ranking_label(f) for f in files]

@@ -60,9 +60,10 @@ def plain(obj: Any) -> Any:
 
 
 def check_ablation(method: str, epsilon: float) -> None:
-    from .ablation import check_epsilon, check_method
-    check_method(method)
-    check_epsilon(epsilon)
+    from . import methods
+    methods.get(method)
+    # ε is recorded for every method, so an out-of-range value is a mistake whatever the method
+    methods.check_epsilon(epsilon)
 
 
 def load_model_input(model: Any):

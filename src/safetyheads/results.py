@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from . import methods
 from .errors import UsageError
 from .runs import RunDir
 
@@ -30,12 +31,7 @@ DATASET_TITLES = {
     "advbench": "AdvBench",
     "harmless": "Harmless",
 }
-METHOD_TITLES = {
-    "undifferentiated": "Undifferentiated Attention",
-    "scaling": "Scaling Contribution",
-    "uniform": "Uniform Attention",
-    "mean": "Mean Ablation",
-}
+METHOD_TITLES = {m.name: m.title for m in methods.METHODS.values()}  # registry order: the paper's two first
 
 
 def dataset_title(name: str) -> str:

@@ -52,14 +52,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ablation
+from . import ablation, lm_head, methods
 from .config import SCREEN_PROBES as DEFAULT_PROBES
 from .config import SUBSPACE_PROBES as DEFAULT_SUBSPACE_PROBES
 from .errors import UsageError
 
 Head = tuple[int, int]
-#: Ablation methods the screen can linearise (`mean` needs dataset-wide means: not supported).
-SCREEN_METHODS = ("undifferentiated", "uniform", "scaling")
+#: Ablation methods the screen can linearise (methods.Method.screen; `mean` needs dataset-wide means).
+SCREEN_METHODS = methods.names(screen=True)
 #: Scores the screen can estimate.
 TARGETS = ("ships", "gships")
 #: How many of the most probable tokens span the Fisher matrix per prompt (the rest of the
@@ -138,7 +138,7 @@ class _Tap:
     so that autograd returns ∂/∂o for every head of every layer."""
 
     def __init__(self, method: str, epsilon: float, with_grad: bool):
-        self.method = method
+        self.method = methods.get(method)
         self.epsilon = epsilon
         self.with_grad = with_grad
         self.delta: dict[int, torch.Tensor] = {}  # layer -> [B, T, H, hd], zero on padding rows
@@ -149,12 +149,7 @@ class _Tap:
         if not self.with_grad:
             return out, weights
         with torch.no_grad():
-            if self.method == "scaling":
-                change = out * (self.epsilon - 1.0)
-            else:
-                factor = 0.0 if self.method == "uniform" else self.epsilon
-                ablated_out, _ = fn(module, query * factor, key, value, *args, **kwargs)
-                change = ablated_out - out
+            change = self.method.screen_change(fn, module, query, key, value, out, args, kwargs, self.epsilon)
             mask = args[0] if args else kwargs.get("attention_mask")
             real = ablation._real_query_rows(mask, out.shape[0], out.shape[1], out.device)  # [B, T]
             # where(), not a product: a padding row may hold NaN from a fully masked softmax.
@@ -190,18 +185,12 @@ def _last_hidden(model: nn.Module, enc) -> torch.Tensor:
 
 
 def _logit_jacobian(model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Next-token log-probs [B, V] float32, the LM-head weight W [V, D] and the per-token slope of
-    the final soft-capping [B, V] (None without capping): dz/dĥ = diag(slope)·W."""
-    head = model.get_output_embeddings()
-    weight = head.weight  # [V, D]
+    """Next-token log-probs [B, V] float32, the LM-head weight W [V, D] and the per-token slope
+    [B, V] (None when the model applies nothing after W) with dz/dĥ = diag(slope)·W: the model's own
+    LM-head path (scalings, soft-capping) from `lm_head`, the one place that knows it."""
     with torch.no_grad():
-        z = head(h).float()  # [B, V]
-        cap = getattr(ablation.text_config(model), "final_logit_softcapping", None)
-        slope = None
-        if cap:
-            t = torch.tanh(z / cap)
-            z = cap * t
-            slope = 1.0 - t * t  # [B, V]
+        z, slope = lm_head.logits_and_slope(model, h)  # z [B, V]; slope may be an expanded view: read only
+        weight = model.get_output_embeddings().weight[: z.shape[-1]]  # [V, D]
         return torch.log_softmax(z, -1), weight, slope
 
 
@@ -357,10 +346,9 @@ def subspace_rotation(probes: SubspaceProbes, proj: torch.Tensor) -> torch.Tenso
 
 def check_screen_args(method: str, epsilon: float, targets: Sequence[str], probes: int, rank: int,
                       n_prompts: int, subspace_probes: int = 0) -> None:
-    if method not in SCREEN_METHODS:
-        raise UsageError(f"screen supports --method {', '.join(SCREEN_METHODS)}, not {method!r}")
-    if method in ("undifferentiated", "scaling"):
-        ablation.check_epsilon(epsilon)
+    if method not in methods.names(screen=True):
+        raise UsageError(f"screen supports --method {', '.join(methods.names(screen=True))}, not {method!r}")
+    methods.checked(method, epsilon)
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
         raise UsageError(f"screen targets must be among {', '.join(TARGETS)}, got {list(targets)}")
@@ -636,8 +624,8 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
         raise UsageError(f"--mode must be screen or auto, got {mode!r}")
     if target not in TARGETS:
         raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if method not in SCREEN_METHODS:
-        raise UsageError(f"screen supports --method {', '.join(SCREEN_METHODS)}, not {method!r}")
+    if method not in methods.names(screen=True):
+        raise UsageError(f"screen supports --method {', '.join(methods.names(screen=True))}, not {method!r}")
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     chunk_rows = pipeline.CHUNK_ROWS if chunk_rows is None else int(chunk_rows)

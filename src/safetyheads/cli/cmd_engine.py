@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import methods
 from .common import add_model_args, model_config_from_args
 
 
@@ -26,9 +27,9 @@ def register(subparsers) -> None:
     )
     add_model_args(p)
     p.add_argument("--heads", required=True, metavar="L-H,...", help="heads to ablate, zero-based LAYER-HEAD, e.g. 2-26,3-8")
-    p.add_argument("--method", default="undifferentiated", choices=("undifferentiated", "uniform", "scaling"),
-                   help="undifferentiated: query x epsilon; uniform: query x 0; scaling: head output x epsilon "
-                        "(default undifferentiated)")
+    p.add_argument("--method", default="undifferentiated",
+                   choices=tuple(m for m in methods.names() if methods.get(m).surgery),
+                   help=methods.cli_help() + " (default undifferentiated)")
     p.add_argument("--epsilon", type=float, default=1e-5, help="scale factor, 0 < epsilon < 1 (default 1e-5)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the new checkpoint")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 
+from .. import methods
 from . import common
 
 
 def _add_ablation_args(parser: argparse.ArgumentParser) -> None:
     # --method is checked by the API (one-line UsageError), not by argparse choices (a usage dump)
     p = parser.add_argument_group("ablation")
-    p.add_argument("--method", default="undifferentiated", metavar="undifferentiated|scaling|uniform|mean",
-                   help="how a head is ablated: undifferentiated = query x epsilon, scaling = head output x "
-                        "epsilon, uniform = exact uniform attention, mean = mean head output "
-                        "(default undifferentiated)")
+    p.add_argument("--method", default="undifferentiated", metavar="|".join(methods.names()),
+                   help=methods.cli_help() + " (default undifferentiated)")
     p.add_argument("--epsilon", type=float, default=1e-5, help="ablation factor in (0, 1) (default 1e-5)")
     p.add_argument("--layers", default=None, metavar="SPEC", help="only heads in these layers, e.g. 0-5,7")
     p.add_argument("--heads", default=None, metavar="SPEC", help="only these heads, LAYER-HEAD, e.g. 2-26,3-8")
