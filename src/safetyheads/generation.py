@@ -4,6 +4,10 @@
 `model.generate` with the KV cache on, inside `ablation.ablated(...)`, so every decoding step -
 the prompt pass and each cached single-token step - runs with the same heads ablated.
 `generate_texts` is the same without formatting or ablation (used by model judges).
+`generate_conditions` answers the same prompts under many conditions (baseline and head
+ablations, any methods) in one batched `generate` call: rows = condition x prompt, each row with
+its own factors (`ablation.HeadAblator` tables), in the prompt pass and in every cached decoding
+step; greedy outputs equal one `generate_responses` call per condition token for token.
 """
 
 from __future__ import annotations
@@ -199,3 +203,207 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, heads: Seque
     if variables:  # only when there are any: settings of earlier generations stay comparable
         gen.settings["chat_template_kwargs"] = variables
     return gen
+
+
+# ---------------------------------------------------------------------------------------------
+# Many conditions in one batched generate call
+
+#: Rows (conditions x prompts) per `generate` call by default: large enough that a CPU decoding
+#: step is dominated by the weight matmuls rather than per-step overhead, small enough that the KV
+#: cache stays modest (Qwen2.5-0.5B, 128 rows x 200 tokens: ~0.6 GB in float32).
+DEFAULT_MAX_ROWS = 128
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One generation condition: these heads ablated by this method (no heads = the unablated model)."""
+
+    heads: tuple[tuple[int, int], ...] = ()
+    method: str = "undifferentiated"
+    epsilon: float = 1e-5
+
+
+def _as_condition(cond) -> Condition:
+    """None (baseline), a Condition, or anything with heads / method / epsilon (evaluate.Ablation)."""
+    if cond is None:
+        return Condition()
+    if isinstance(cond, Condition):
+        return cond
+    return Condition(tuple((int(l), int(h)) for l, h in cond.heads), cond.method, float(cond.epsilon))
+
+
+class ConditionAblator:
+    """`ablation.HeadAblator` for rows = condition x prompt (condition-major: row c * P + p).
+
+    Query and output factors are the per-row tables of HeadAblator (the prompt pass and every
+    cached decoding step see the same batch of rows, so each row keeps its factors throughout).
+    `mean` needs one mean per condition, not one over the whole batch: each mean-ablated row gets
+    its head's mean output over its own condition's rows and real (non-padding) positions of the
+    first forward pass (the prompt pass), exactly what `ablation.ablated` computes when the same
+    condition runs alone on the same prompts. It is applied by wrapping the attention function
+    HeadAblator calls, so the order of operations is HeadAblator's (query factor, attention, mean,
+    output factor)."""
+
+    def __init__(self, model, conditions: Sequence[Condition], n_prompts: int):
+        from .ablation import FactorTables, HeadAblator, factor_tables, num_layers_heads
+
+        n_layers, n_heads = num_layers_heads(model)
+        C = len(conditions)
+        q = torch.ones(C, n_layers, n_heads)  # [C, L, H]
+        o = torch.ones(C, n_layers, n_heads)
+        mean = torch.zeros(C, n_layers, n_heads, dtype=torch.bool)
+        used = {"q": False, "o": False, "mean": False}
+        for c, cond in enumerate(conditions):
+            if not cond.heads:
+                continue
+            t = factor_tables([list(cond.heads)], cond.method, cond.epsilon, n_layers, n_heads)
+            if t.q_scale is not None:
+                q[c], used["q"] = t.q_scale[0], True
+            if t.o_scale is not None:
+                o[c], used["o"] = t.o_scale[0], True
+            if t.mean_mask is not None:
+                mean[c], used["mean"] = t.mean_mask[0], True
+        rows = lambda t: t.repeat_interleave(n_prompts, dim=0)  # noqa: E731  [C*P, L, H]
+        tables = FactorTables(q_scale=rows(q) if used["q"] else None, o_scale=rows(o) if used["o"] else None)
+        self.active = any(used.values())
+        self._base = HeadAblator(model, tables) if (used["q"] or used["o"]) else None
+        self._mean_mask = rows(mean) if used["mean"] else None  # [C*P, L, H] bool
+        self._groups = torch.arange(C).repeat_interleave(n_prompts)  # [C*P]: each row's condition
+        self._means: dict[int, torch.Tensor] = {}
+        self.model = model
+
+    def __enter__(self):
+        from .ablation import attached
+
+        if self._base is not None:
+            # the mean replacement rides inside HeadAblator's call of the attention function
+            self._base.attend = self._wrap(self._base.attend)
+            self._ctx = self._base
+        else:
+            self._ctx = attached(self.model, self)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    def _wrap(self, base_attend):
+        def attend(fn, layer, module, query, key, value, *args, **kwargs):
+            return base_attend(self._with_means(fn, layer), layer, module, query, key, value, *args, **kwargs)
+        return attend
+
+    def attend(self, fn, layer, module, query, key, value, *args, **kwargs):  # no query/output factors at all
+        return self._with_means(fn, layer)(module, query, key, value, *args, **kwargs)
+
+    def _with_means(self, fn, layer: int):
+        if self._mean_mask is None or not bool(self._mean_mask[:, layer].any()):
+            return fn
+
+        def fn_with_means(module, query, key, value, *args, **kwargs):
+            out, weights = fn(module, query, key, value, *args, **kwargs)  # out: [B, q, H, hd]
+            means = self._row_means(layer, out, args[0] if args else kwargs.get("attention_mask"))  # [B, H, hd]
+            replace = self._mean_mask[:, layer].to(out.device)[:, None, :, None]  # [B, 1, H, 1]
+            return torch.where(replace, means[:, None].to(out), out), weights
+
+        return fn_with_means
+
+    def _row_means(self, layer: int, out: torch.Tensor, attention_mask) -> torch.Tensor:
+        from .ablation import _real_query_rows
+
+        if layer not in self._means:
+            B = out.shape[0]
+            if B != len(self._groups):
+                raise UsageError(f"condition table has {len(self._groups)} rows but the batch has {B}")
+            real = _real_query_rows(attention_mask, B, out.shape[1], out.device)  # [B, q]
+            filled = out.masked_fill(~real[:, :, None, None], 0)  # a padding row may hold NaN
+            groups = self._groups.to(out.device)
+            means = torch.zeros(B, *out.shape[2:], dtype=out.dtype, device=out.device)  # [B, H, hd]
+            for g in range(int(groups.max()) + 1):
+                rows = groups == g
+                # the same reduction as HeadAblator._head_means over this condition's rows alone
+                means[rows] = filled[rows].sum((0, 1)) / real[rows].sum().clamp_min(1)
+            self._means[layer] = means.detach()
+        return self._means[layer]
+
+
+def generate_conditions(model, tokenizer, prompts: Sequence[str], conditions: Sequence, *, fmt: str = "chat",
+                        system_prompt: str | None = None, chat_template_kwargs: dict | None = None,
+                        max_new_tokens: int = 128, greedy: bool = True, top_k: int | None = None,
+                        temperature: float = 1.0, seed: int | None = None, max_rows: int = DEFAULT_MAX_ROWS,
+                        progress: bool = False, desc: str = "generate") -> list[Generations]:
+    """Answer raw `prompts` under every condition, many conditions per batched `generate` call.
+
+    `conditions`: None (the unablated model), `Condition`s, or objects with heads / method /
+    epsilon (evaluate.Ablation); methods may differ between conditions. Each `generate` call holds
+    whole conditions: max(1, max_rows // len(prompts)) of them, i.e. rows = condition x prompt
+    (condition-major), every prompt of a call left-padded to the longest one (prompts sorted
+    longest first, as `generate_texts` does). Returns one `Generations` per condition, in order.
+
+    Greedy outputs equal `generate_responses(..., heads=c.heads, method=c.method)` per condition
+    on the same prompts in one batch (tests/unit/test_batched_generation.py), `mean` included:
+    its means are per condition (ConditionAblator). Sampled outputs depend on which rows share a
+    call (one random stream per call, seeded with `seed`), so they differ from per-condition
+    sampling; they are reproducible for the same prompts, conditions and `max_rows`.
+    On CUDA out-of-memory the conditions per call are halved and the call retried."""
+    from .prompts import encode, format_prompts, template_kwargs
+
+    check_decoding(max_new_tokens, greedy, top_k, temperature)
+    if max_rows < 1:
+        raise UsageError(f"max_rows must be at least 1 (got {max_rows})")
+    if not prompts:
+        raise UsageError("no prompts to generate for")
+    conds = [_as_condition(c) for c in conditions]
+    seed = resolve_seed(greedy, seed)
+    texts = format_prompts(tokenizer, list(prompts), fmt, system_prompt=system_prompt,
+                           chat_template_kwargs=chat_template_kwargs)
+    stop_ids = stop_token_ids(model, tokenizer)
+    gc = _generation_config(model, tokenizer, stop_ids, max_new_tokens, greedy, top_k, temperature)
+    device = next(model.parameters()).device
+    P = len(texts)
+    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    order = sorted(range(P), key=lambda i: -lengths[i])  # the row order generate_texts uses
+    enc = encode(tokenizer, [texts[i] for i in order], device=device)  # [P, T]
+    width = enc.input_ids.shape[1]
+    per_call = max(1, max_rows // P)
+    results: list[list] = [[None] * P for _ in conds]
+    stop_set = set(stop_ids)
+    bar = tqdm(total=len(conds) * P, desc=desc, disable=not progress, unit="answer")
+    with _sampling_rng(seed, device), torch.inference_mode():
+        start = 0
+        while start < len(conds):
+            chunk = conds[start:start + per_call]
+            n = len(chunk)
+            ablator = ConditionAblator(model, chunk, P)
+            ctx = ablator if ablator.active else contextlib.nullcontext()
+            try:
+                with ctx:
+                    out = model.generate(input_ids=enc.input_ids.repeat(n, 1),  # [n*P, T], row c*P + p
+                                         attention_mask=enc.attention_mask.repeat(n, 1), generation_config=gc)
+            except torch.cuda.OutOfMemoryError:
+                if per_call == 1:
+                    raise
+                per_call = max(1, per_call // 2)
+                torch.cuda.empty_cache()
+                continue
+            new = out.sequences[:, width:].tolist()  # [n*P, new_tokens]
+            for r, ids in enumerate(new):
+                c, j = divmod(r, P)
+                cut = next((k for k, t in enumerate(ids) if t in stop_set), None)
+                results[start + c][order[j]] = (ids if cut is None else ids[:cut], cut is not None)
+            bar.update(n * P)
+            start += n
+    bar.close()
+
+    settings = {"max_new_tokens": max_new_tokens, "greedy": greedy, "top_k": top_k,
+                "temperature": None if greedy else temperature, "seed": seed, "stop_token_ids": stop_ids,
+                "use_cache": True, "format": fmt, "system_prompt": system_prompt}
+    variables = template_kwargs(tokenizer, chat_template_kwargs, note=False) if fmt == "chat" else {}
+    if variables:
+        settings["chat_template_kwargs"] = variables
+    gens = []
+    for per_prompt in results:
+        token_ids = [ids for ids, _ in per_prompt]
+        gens.append(Generations(responses=[tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids],
+                                token_ids=token_ids, finished=[f for _, f in per_prompt], seed=seed,
+                                settings=dict(settings)))
+    return gens
