@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError
-from .generation import check_decoding, generate_responses, resolve_seed
+from .generation import DEFAULT_MAX_ROWS, check_decoding, generate_conditions, resolve_seed
 from .judges import DEFAULT_JUDGE, Judge, KeywordJudge, attack_success_rate, get_judge
 from .results import LAYER_MATCHED, RANDOM
 
@@ -360,11 +360,13 @@ def _row_key(gen_key: str, dataset: str, prompt_id, prompt: str, condition_key: 
 
 @torch.inference_mode()
 def last_token_logprobs(model, tokenizer, prompts: Sequence[str], *, fmt: str, system_prompt=None,
-                        batch_size: int = 16) -> torch.Tensor:
-    """Next-token log-probabilities at the last prompt position, float32. [P, V]"""
+                        batch_size: int = 16, chat_template_kwargs: dict | None = None) -> torch.Tensor:
+    """Next-token log-probabilities at the last prompt position, float32. [P, V]
+    (`chat_template_kwargs`: the chat format's template variables, as in `generate_responses`)."""
     from .prompts import encode, format_prompts
 
-    texts = format_prompts(tokenizer, list(prompts), fmt, system_prompt=system_prompt)
+    texts = format_prompts(tokenizer, list(prompts), fmt, system_prompt=system_prompt,
+                           chat_template_kwargs=chat_template_kwargs)
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(texts), batch_size):
@@ -500,7 +502,8 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
              harmless_limit: int | None = None,
              lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None, batch_size: int = 16,
              reuse: Sequence[str | Path] = (), out: str | Path | None = None, resume: bool = False,
-             force: bool = False, quiet: bool = False,
+             force: bool = False, quiet: bool = False, chat_template_kwargs: dict | None = None,
+             max_rows: int = DEFAULT_MAX_ROWS,
              device: str = "auto", dtype: str = "float32", revision: str | None = None) -> EvalResult:
     """Baseline vs ablated generations on `datasets`, judged; ASR and helpfulness; written to `out`.
 
@@ -511,13 +514,25 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     random draws also draws `dose_response.png/.svg` (ASR vs heads ablated, `plots.dose_response`).
     `reuse`: earlier evaluate run folders whose generations are reused where everything that
     determines them matches (model weights, format, decoding, prompt, ablation) - typically the
-    baseline, so a new ablation costs only its own generations."""
+    baseline, so a new ablation costs only its own generations.
+    `chat_template_kwargs`: template variables of the chat format (`--chat-template-kwargs`; used for
+    the generations and the helpfulness pass, recorded with the decoding settings).
+    Generation: per dataset, the missing prompts in chunks of `batch_size` (longest first), each
+    chunk answered under many conditions per batched `generate` call (`generation.generate_conditions`,
+    at most `max_rows` rows = conditions x prompts per call, at least one condition)."""
     from .ablation import num_layers_heads
     from .data import load_prompts
 
     check_decoding(max_new_tokens, greedy, top_k, temperature)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if max_rows < 1:
+        raise UsageError(f"--max-rows must be at least 1 (got {max_rows})")
+    from .prompts import check_template_kwargs, template_kwargs
+
+    chat_template_kwargs = check_template_kwargs(chat_template_kwargs)
+    if chat_template_kwargs and fmt != "chat":
+        raise UsageError(f"--chat-template-kwargs only applies to the chat format, not {fmt!r}")
     if not datasets:
         raise UsageError("give at least one --dataset")
     if len(set(datasets)) != len(datasets):
@@ -550,6 +565,11 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
 
     decoding = {"format": fmt, "system_prompt": system_prompt, "max_new_tokens": max_new_tokens, "greedy": greedy,
                 "top_k": None if greedy else top_k, "temperature": None if greedy else temperature, "seed": seed}
+    # the template variables used (the non-thinking default included), only when there are any: the
+    # cache keys of runs without any stay what they were
+    variables = template_kwargs(tok, chat_template_kwargs) if fmt == "chat" else {}
+    if variables:
+        decoding["chat_template_kwargs"] = variables
     model_id = {"spec": loaded.spec, "revision": loaded.revision, "weights_sha256": loaded.weights_sha256}
     gen_key = _hash([model_id, decoding])
     config = {
@@ -557,7 +577,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         "data_seed": data_seed, **decoding, "judges": [j.describe() for j in judge_objs],
         "random_seed": random_seed, "ablations": [a.describe() for a in ablations],
         "helpfulness": helpfulness, "harmless_limit": harmless_limit, "lm_eval_tasks": list(lm_eval_tasks),
-        "batch_size": batch_size,
+        "batch_size": batch_size, "max_rows": max_rows,
     }
     run = _open_run(out, config=config, loaded=loaded, prompt_sets=prompt_sets + ([harmless] if harmless else []),
                     resume=resume, force=force)
@@ -571,13 +591,16 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         reusable.update(ResponseCache(f).rows)
     n_reused = 0
 
-    # 1. generate, reusing cached rows; condition by condition (baseline first), so a run stopped
-    #    early holds whole conditions
+    # 1. generate, reusing cached rows. Per dataset, the prompts some conditions still miss are
+    #    answered in chunks of `batch_size` prompts, many conditions per batched generate call
+    #    (rows = condition x prompt, at most `max_rows`); every call's rows go to the cache at once, so
+    #    a run stopped early loses at most one call.
     all_sets = prompt_sets + ([harmless] if harmless is not None else [])
     conditions: list[Ablation | None] = [None, *ablations]
     wanted: list[tuple[str, dict]] = []  # (cache key, the condition's tags and index)
+    missing: dict[int, dict[str, tuple[Ablation | None, list[str], list[int]]]] = {}  # set -> {cache key: ...}
     for i, cond in enumerate(conditions):
-        for ps in all_sets:
+        for s_i, ps in enumerate(all_sets):
             ckey = BASELINE if cond is None else cond.key
             keys = [_row_key(gen_key, ps.name, pid, p, ckey) for pid, p in zip(ps.ids, ps.prompts)]
             wanted += [(k, {**_condition_tags(cond), "_cond": i}) for k in keys]
@@ -585,13 +608,19 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
             if copied:  # copy into this run's cache: the run folder stays self-contained
                 cache.add(copied)
                 n_reused += len(copied)
-            todo = [i for i, k in enumerate(keys) if k not in cache.rows]
-            if not todo:
-                continue
-            label = f"{ps.name} {BASELINE if cond is None else cond.method + ' ' + cond.heads_str}"
-            _generate_into_cache(cache, lm, tok, ps, todo, keys, cond, label=label, fmt=fmt,
-                                 system_prompt=system_prompt, max_new_tokens=max_new_tokens, greedy=greedy,
-                                 top_k=top_k, temperature=temperature, seed=seed, batch_size=batch_size, quiet=quiet)
+            todo = [j for j, k in enumerate(keys) if k not in cache.rows]
+            if todo:  # two rankings that pick the same heads share one generation (same cache key)
+                missing.setdefault(s_i, {}).setdefault(ckey, (cond, keys, todo))
+    gen_options = dict(fmt=fmt, system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs,
+                       max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, temperature=temperature, seed=seed)
+    for s_i, by_key in missing.items():
+        ps = all_sets[s_i]
+        groups: dict[tuple[int, ...], list] = {}  # conditions missing the same prompts are batched together
+        for cond, keys, todo in by_key.values():
+            groups.setdefault(tuple(todo), []).append((cond, keys))
+        for todo, conds in groups.items():
+            _generate_into_cache(cache, lm, tok, ps, list(todo), conds, label=f"{ps.name}: {len(conds)} condition(s)",
+                                 batch_size=batch_size, max_rows=max_rows, quiet=quiet, **gen_options)
 
     gens = pd.DataFrame([{**cache.rows[k], **tags} for k, tags in wanted])
     gens[["k", "draw"]] = gens[["k", "draw"]].astype("Int64")  # whole numbers in the JSON lines, not 1.0
@@ -611,7 +640,8 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     help_df, lm_eval_res = None, None
     if harmless is not None:
         help_df = _helpfulness(lm, tok, gens[gens["dataset"] == HARMLESS], harmless, ablations, judge_objs,
-                               fmt=fmt, system_prompt=system_prompt, batch_size=batch_size)
+                               fmt=fmt, system_prompt=system_prompt, batch_size=batch_size,
+                               chat_template_kwargs=chat_template_kwargs)
     if lm_eval_tasks:
         lm_eval_res = run_lm_eval(lm, tok, ablations, lm_eval_tasks, limit=lm_eval_limit, quiet=quiet)
 
@@ -672,35 +702,38 @@ def _load(model, **kwargs):
     return load_model(model, **kwargs)
 
 
-def _generate_into_cache(cache: ResponseCache, lm, tok, ps, todo: list[int], keys: list[str], cond, *, label: str,
-                         batch_size: int, quiet: bool, **decoding) -> None:
-    """Generate the missing prompts of one (dataset, condition) in chunks, appending each to the cache."""
-    # Longest prompts first and chunks of a few batches: little padding, and a killed run loses
-    # at most one chunk.
+def _generate_into_cache(cache: ResponseCache, lm, tok, ps, todo: list[int], conds: list[tuple], *, label: str,
+                         batch_size: int, max_rows: int, quiet: bool, **decoding) -> None:
+    """Generate the prompts `todo` of one dataset under every condition of `conds` ((Ablation or None,
+    the dataset's cache keys for it)), appending each generate call's rows to the cache.
+
+    Longest prompts first, chunks of `batch_size` prompts (little padding); each chunk is answered
+    under max(1, max_rows // chunk) conditions per `generate_conditions` call."""
     todo = sorted(todo, key=lambda i: -len(ps.prompts[i]))
     chunk = max(1, batch_size)
-    fields = _condition_fields(cond)
-    bar = tqdm(total=len(todo), desc=label, disable=quiet, unit="prompt")
+    bar = tqdm(total=len(todo) * len(conds), desc=label, disable=quiet, unit="answer")
     for start in range(0, len(todo), chunk):
         idx = todo[start:start + chunk]
-        gen = generate_responses(lm, tok, [ps.prompts[i] for i in idx],
-                                 heads=cond.heads if cond is not None else (),
-                                 method=cond.method if cond is not None else "undifferentiated",
-                                 epsilon=cond.epsilon if cond is not None else 1e-5,
-                                 batch_size=batch_size, progress=False, **decoding)
-        rows = []
-        for j, i in enumerate(idx):
-            rows.append({"key": keys[i], "dataset": ps.name, "prompt_id": ps.ids[i],
-                         "category": ps.categories[i] if ps.categories else None, "prompt": ps.prompts[i],
-                         "response": gen.responses[j], **fields, "n_tokens": len(gen.token_ids[j]),
-                         "finished": gen.finished[j]})
-        cache.add(rows)
-        bar.update(len(idx))
+        per_call = max(1, max_rows // len(idx))
+        for c_start in range(0, len(conds), per_call):
+            part = conds[c_start:c_start + per_call]
+            gens = generate_conditions(lm, tok, [ps.prompts[i] for i in idx], [cond for cond, _ in part],
+                                       max_rows=max_rows, progress=False, **decoding)
+            rows = []
+            for (cond, keys), gen in zip(part, gens):
+                fields = _condition_fields(cond)
+                for j, i in enumerate(idx):
+                    rows.append({"key": keys[i], "dataset": ps.name, "prompt_id": ps.ids[i],
+                                 "category": ps.categories[i] if ps.categories else None, "prompt": ps.prompts[i],
+                                 "response": gen.responses[j], **fields, "n_tokens": len(gen.token_ids[j]),
+                                 "finished": gen.finished[j]})
+            cache.add(rows)
+            bar.update(len(idx) * len(part))
     bar.close()
 
 
 def _helpfulness(lm, tok, harmless_gens: pd.DataFrame, harmless, ablations, judge_objs, *, fmt, system_prompt,
-                 batch_size) -> pd.DataFrame:
+                 batch_size, chat_template_kwargs=None) -> pd.DataFrame:
     """Long table: over-refusal per condition and keyword judge; KL and top-1 agreement per ablation."""
     from .ablation import ablated
 
@@ -714,7 +747,7 @@ def _helpfulness(lm, tok, harmless_gens: pd.DataFrame, harmless, ablations, judg
             rows.append({**fields, "metric": "over_refusal_rate", "judge": judge.name, "n": len(refused),
                          "value": sum(refused) / len(refused) if refused else float("nan")})
     clean = last_token_logprobs(lm, tok, harmless.prompts, fmt=fmt, system_prompt=system_prompt,
-                                batch_size=batch_size)  # [P, V]
+                                batch_size=batch_size, chat_template_kwargs=chat_template_kwargs)  # [P, V]
     base = {**_condition_fields(None), **_condition_tags(None)}
     rows.append({**base, "metric": "mean_kl", "judge": None, "n": len(clean), "value": 0.0})
     rows.append({**base, "metric": "top1_agreement", "judge": None, "n": len(clean), "value": 1.0})
@@ -723,7 +756,7 @@ def _helpfulness(lm, tok, harmless_gens: pd.DataFrame, harmless, ablations, judg
         if cond.key not in shifts:
             with ablated(lm, list(cond.heads), cond.method, cond.epsilon):
                 abl = last_token_logprobs(lm, tok, harmless.prompts, fmt=fmt, system_prompt=system_prompt,
-                                          batch_size=batch_size)
+                                          batch_size=batch_size, chat_template_kwargs=chat_template_kwargs)
             shifts[cond.key] = distribution_shift(clean, abl)
         kl, agree = shifts[cond.key]
         fields = {**_condition_fields(cond), **_condition_tags(cond)}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from . import common
 
+DEFAULT_MAX_ROWS = 128  # generation.DEFAULT_MAX_ROWS (not imported: --help stays torch-free)
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -48,6 +50,7 @@ def _run(args):
         random=[k for ks in (args.random or []) for k in ks], repeats=args.repeats,
         random_seed=args.seed if args.seed is not None else 0, layer_matched=args.random_layer_matched,
         epsilon=args.epsilon, fmt=args.format, system_prompt=args.system_prompt,
+        chat_template_kwargs=common.template_kwargs_from_arg(args.chat_template_kwargs),
         max_new_tokens=args.max_new_tokens, greedy=not sampling, top_k=args.top_k,
         temperature=args.temperature if args.temperature is not None else 1.0, seed=args.seed,
         judges=args.judge or ["keywords"], judge_options={"batch_size": args.judge_batch_size},
@@ -55,7 +58,7 @@ def _run(args):
         data_seed=args.seed if args.seed is not None else 0, data_dir=args.data_dir,
         helpfulness=not args.no_helpfulness, harmless_limit=args.harmless_limit,
         lm_eval_tasks=args.lm_eval_tasks or (), lm_eval_limit=args.lm_eval_limit, batch_size=args.batch_size,
-        reuse=args.reuse or (), out=args.out, resume=args.resume, force=args.force, quiet=args.quiet,
+        max_rows=args.max_rows, reuse=args.reuse or (), out=args.out, resume=args.resume, force=args.force, quiet=args.quiet,
     )
 
 
@@ -156,6 +159,9 @@ def register(subparsers) -> None:
                    help="sampling seed (also the seed of --sample and --random); sampling without one warns and "
                         "records the seed used")
     g.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts per generation batch (default 16)")
+    g.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="R",
+                   help="rows (conditions x prompts) per batched generate call: each batch of prompts is answered "
+                        f"under max(1, R // B) conditions at once (default {DEFAULT_MAX_ROWS})")
 
     g = p.add_argument_group("judges and helpfulness")
     g.add_argument("--judge", action="append", metavar="SPEC",
