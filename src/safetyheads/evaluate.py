@@ -58,6 +58,7 @@ class EvalResult:
     ablations: list[Ablation]
     lm_eval: dict | None = None
     seed: int | None = None
+    judge_agreement: pd.DataFrame | None = None  # pairwise Cohen's kappa when several judges ran
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +487,41 @@ def asr_table(gens: pd.DataFrame, judge_names: Sequence[str]) -> pd.DataFrame:
     return table if tags else table.drop(columns=TAG_COLUMNS)
 
 
+AGREEMENT_COLUMNS = ["dataset", "judge_a", "judge_b", "n", "both_jailbroken", "only_a", "only_b", "neither",
+                     "agreement", "kappa", "n_unparsed"]
+
+
+def judge_agreement(gens: pd.DataFrame, judge_names: Sequence[str]) -> pd.DataFrame:
+    """Pairwise agreement of the judges' jailbroken verdicts (`judge_agreement.csv`).
+
+    Items are the judged generation rows (every dataset prompt under every condition), per dataset
+    and, with several datasets, over all of them (`all`). Only rows both judges could parse count
+    (`n`; `n_unparsed`: rows where either could not); `agreement` is the share of equal verdicts,
+    `kappa` Cohen's κ from the 2×2 table (`stats.cohen_kappa`)."""
+    from itertools import combinations
+
+    from .stats import cohen_kappa
+
+    parts = [(d, gens[gens["dataset"] == d]) for d in dict.fromkeys(gens["dataset"])]
+    if len(parts) > 1:
+        parts.append(("all", gens))
+    rows = []
+    for dataset, part in parts:
+        for a, b in combinations(judge_names, 2):
+            va = [v.jailbroken for v in part[f"_v_{a}"]]
+            vb = [v.jailbroken for v in part[f"_v_{b}"]]
+            pairs = [(x, y) for x, y in zip(va, vb) if x is not None and y is not None]
+            both = sum(1 for x, y in pairs if x and y)
+            only_a = sum(1 for x, y in pairs if x and not y)
+            only_b = sum(1 for x, y in pairs if y and not x)
+            neither = len(pairs) - both - only_a - only_b
+            rows.append({"dataset": dataset, "judge_a": a, "judge_b": b, "n": len(pairs), "both_jailbroken": both,
+                         "only_a": only_a, "only_b": only_b, "neither": neither,
+                         "agreement": (both + neither) / len(pairs) if pairs else float("nan"),
+                         "kappa": cohen_kappa(both, only_a, only_b, neither), "n_unparsed": len(va) - len(pairs)})
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
+
+
 # ---------------------------------------------------------------------------------------------
 # The API
 
@@ -635,6 +671,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         by_pair = dict(zip(unique, verdicts))
         harmful[f"_v_{judge.name}"] = [by_pair[p] for p in pairs]
     asr = asr_table(harmful, judge_names)
+    agreement = judge_agreement(harmful, judge_names) if len(judge_names) > 1 else None
 
     # 3. helpfulness on the harmless set
     help_df, lm_eval_res = None, None
@@ -657,6 +694,9 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         run.write_text("generations.jsonl", "\n".join(lines) + "\n")
         outputs = ["generations.jsonl", "asr.csv"]
         run.write_table("asr", asr, formats=("csv",))
+        if agreement is not None:
+            run.write_table("judge_agreement", agreement, formats=("csv",))
+            outputs.append("judge_agreement.csv")
         if set(asr["ranking"]) - {BASELINE, "ablate"}:  # rankings or random draws: a dose-response
             from .plots import dose_response
 
@@ -674,7 +714,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
                                            "asr_high", "mcnemar_p", "ranking", "k", "draw")}
                         for r in overall.to_dict("records")])
     return EvalResult(run_dir=run_path, asr=asr, helpfulness=help_df, generations=out_gens, ablations=ablations,
-                      lm_eval=lm_eval_res, seed=seed)
+                      lm_eval=lm_eval_res, seed=seed, judge_agreement=agreement)
 
 
 def _json_line(record: dict) -> str:

@@ -408,7 +408,25 @@ def _section_asr(page: _Page, evals: list[EvalRun]) -> str:
         if {"asr_low", "asr_high"} <= set(rows.columns):
             table["95% CI"] = _intervals(rows)
     parts.append(_table(table, floatfmt="{:.3f}"))
+    parts += _judge_agreement(evals)
     return "".join(parts)
+
+
+def _judge_agreement(evals: list[EvalRun]) -> list[str]:
+    """Pairwise agreement of the judges (judge_agreement.csv of each run that ran several)."""
+    frames = [run.judge_agreement.assign(run=run.path.name) for run in evals if run.judge_agreement is not None]
+    if not frames:
+        return []
+    table = pd.concat(frames, ignore_index=True)
+    cols = ["run", "dataset", "judge_a", "judge_b", "n", "both_jailbroken", "only_a", "only_b", "neither", "agreement",
+            "kappa", "n_unparsed"]
+    table = table[[c for c in cols if c in table.columns]]
+    if table["run"].nunique() == 1:
+        table = table.drop(columns="run")
+    return ["<h3>Agreement between judges</h3><p>Jailbroken verdicts of each pair of judges on the same generations "
+            "(every prompt under every condition; rows either judge could not parse are left out and counted in "
+            "n_unparsed). kappa: Cohen's κ from the 2×2 table (1 = full agreement, 0 = what the two judges' own "
+            "rates give by chance).</p>", _table(table, floatfmt="{:.3f}")]
 
 
 def _intervals(df: pd.DataFrame) -> list[str]:

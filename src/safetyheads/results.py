@@ -214,6 +214,7 @@ class EvalRun:
     asr: pd.DataFrame | None
     helpfulness: pd.DataFrame | None
     generations: list[dict]
+    judge_agreement: pd.DataFrame | None = None  # judge_agreement.csv: pairwise Cohen's kappa of the judges
 
     @property
     def label(self) -> str:
@@ -346,9 +347,10 @@ def load_eval_run(run: Path, manifest: dict) -> EvalRun | None:
     method = manifest_field(manifest, "method") or ablated.get("method") or ""
     heads = manifest_field(manifest, "heads", "ablate") or ablated.get("heads")
     model = manifest_field(manifest, "model", keys=_MODEL_KEYS) or ""
+    agreement = _read_csv(run / "judge_agreement.csv", ("judge_a", "judge_b", "kappa"))
     return EvalRun(
         path=run, manifest=manifest, model=str(model), method=str(method), heads=format_heads(heads),
-        asr=asr, helpfulness=helpfulness, generations=generations,
+        asr=asr, helpfulness=helpfulness, generations=generations, judge_agreement=agreement,
     )
 
 

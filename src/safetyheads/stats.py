@@ -37,3 +37,19 @@ def mcnemar_exact(newly_jailbroken: int, newly_refused: int) -> float:
     if b + c == 0:
         return 1.0
     return float(binomtest(b, b + c, 0.5).pvalue)
+
+
+def cohen_kappa(both: int, only_a: int, only_b: int, neither: int) -> float:
+    """Cohen's κ of two binary raters from their 2×2 table (both say yes, only A, only B, neither):
+    κ = (p_o − p_e) / (1 − p_e), p_o the observed agreement, p_e the agreement expected from each
+    rater's own yes-rate. nan when there are no items or p_e = 1 (both raters constant and equal:
+    agreement is not informative)."""
+    n = both + only_a + only_b + neither
+    if n == 0:
+        return math.nan
+    p_o = (both + neither) / n
+    a_yes, b_yes = (both + only_a) / n, (both + only_b) / n
+    p_e = a_yes * b_yes + (1 - a_yes) * (1 - b_yes)
+    if p_e >= 1.0:
+        return math.nan
+    return (p_o - p_e) / (1 - p_e)

@@ -53,7 +53,8 @@ def _run(args):
         chat_template_kwargs=common.template_kwargs_from_arg(args.chat_template_kwargs),
         max_new_tokens=args.max_new_tokens, greedy=not sampling, top_k=args.top_k,
         temperature=args.temperature if args.temperature is not None else 1.0, seed=args.seed,
-        judges=args.judge or ["keywords"], judge_options={"batch_size": args.judge_batch_size},
+        judges=args.judge or ["keywords"], judge_options={"batch_size": args.judge_batch_size,
+                                                       "max_new_tokens": args.judge_max_new_tokens},
         column=args.column, limit=args.limit, sample=args.sample,
         data_seed=args.seed if args.seed is not None else 0, data_dir=args.data_dir,
         helpfulness=not args.no_helpfulness, harmless_limit=args.harmless_limit,
@@ -104,7 +105,13 @@ def _report(result) -> None:
         print(shift.to_string(index=False))
     if result.seed is not None:
         print(f"sampling seed: {result.seed}")
+    if getattr(result, "judge_agreement", None) is not None:
+        agree = result.judge_agreement
+        print("\njudge agreement (jailbroken verdicts, rows both judges parsed):")
+        print(agree.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     files = "generations.jsonl, asr.csv" + (", helpfulness.csv/.json" if result.helpfulness is not None else "")
+    if getattr(result, "judge_agreement", None) is not None:
+        files += ", judge_agreement.csv"
     if result.run_dir is not None and (Path(result.run_dir) / "dose_response.png").is_file():
         files += ", dose_response.png/.svg"
     print(f"wrote {result.run_dir}/: {files}")
@@ -166,8 +173,12 @@ def register(subparsers) -> None:
     g = p.add_argument_group("judges and helpfulness")
     g.add_argument("--judge", action="append", metavar="SPEC",
                    help="keywords (default; paper Table 4), keywords:jailbreakbench, keywords:gcg, "
-                        "keywords:FILE.txt, model:HF-ID-OR-PATH (Llama Guard style); repeatable")
+                        "keywords:FILE.txt, model:MODEL (Llama Guard style), harmbench:MODEL (HarmBench classifier "
+                        "prompt), strongreject:MODEL (StrongREJECT rubric); repeatable; with several, their pairwise "
+                        "Cohen's kappa goes to judge_agreement.csv")
     g.add_argument("--judge-batch-size", type=int, default=8, metavar="B", help="batch size of model judges")
+    g.add_argument("--judge-max-new-tokens", type=int, default=None, metavar="N",
+                   help="tokens a model judge generates (default: model 16, harmbench 4, strongreject 512)")
     g.add_argument("--no-helpfulness", action="store_true", help="skip the harmless-set checks")
     g.add_argument("--harmless-limit", type=int, default=None, metavar="N", help="use only N harmless prompts")
     g.add_argument("--lm-eval-tasks", type=_str_list, default=None, metavar="T1,T2",
