@@ -28,6 +28,9 @@ SUBSPACE_PROBES = 4
 # configurations x prompts): a sweep call over few rows runs small, slow matrix products (one SmolLM2
 # layer with 5 prompts is 45 rows), while a chunk is also what a kill can lose (pipeline.plan_chunks).
 CHUNK_ROWS = 1024
+# The refusal score (refusal.py): tokens of the clean refusal scored, and tokens the judge reads.
+REFUSAL_TOKENS = 8
+REFUSAL_JUDGE_TOKENS = 64
 
 T = TypeVar("T")
 

@@ -40,7 +40,7 @@ from . import ablation, lm_head, methods
 from .ablation import Head, HeadAblator, MeanRecorder
 from .errors import UnsupportedModelError, UsageError
 
-WANTS = ("kl", "hidden", "logprobs")
+WANTS = ("kl", "hidden", "logprobs", "target_logprobs")
 MAX_GROUP = 64  # prompts per clean-pass mini-batch
 
 
@@ -52,6 +52,7 @@ class SweepResult:
     hidden: torch.Tensor | None  # [C, P, D] float32
     logprobs: torch.Tensor | None  # [C, P, V] float32, only when asked (tests)
     batch_size: int  # rows (config x prompt) per replay chunk finally used
+    target_logprobs: torch.Tensor | None = None  # [C, P, k] float64, log p_ablated(target) (prepare's targets)
 
 
 @dataclass
@@ -82,6 +83,14 @@ class CleanCache:
     n_heads: int
     prefix: _Group | None = None  # the shared prefix's clean pass (one row); groups then hold only the rest
     extra: dict = field(default_factory=dict)
+    # teacher-forced targets (`prepare(targets=...)`): the tokens the last k positions predict
+    targets: torch.Tensor | None = None  # [P, k] long
+    clean_target_logprobs: torch.Tensor | None = None  # [P, k] float64, log p_clean(target)
+
+    @property
+    def tail(self) -> int:
+        """Positions read at the end of every prompt: k with targets, else the last one."""
+        return 1 if self.targets is None else int(self.targets.shape[1])
 
     @property
     def prefix_length(self) -> int:
@@ -157,7 +166,8 @@ def _cache_kwarg(backbone: nn.Module) -> str:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_check: bool = True) -> CleanCache:
+def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_check: bool = True,
+            targets: torch.Tensor | None = None) -> CleanCache:
     """One clean forward over the prompts (grouped by length, unpadded), recording every decoder
     layer's inputs, the clean last-position log-probs and final-norm hidden states.
 
@@ -167,7 +177,11 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
 
     With `self_check` (default; always on in the CLI) the clean log-probs are then compared with
     the model's own forward on the same left-padded batch (`check_against_forward`), and a model
-    the engine does not reproduce raises UnsupportedModelError instead of being scored."""
+    the engine does not reproduce raises UnsupportedModelError instead of being scored.
+
+    `targets` [P, k] (token ids) turns on a teacher-forced readout: the prompts then end with the
+    first k - 1 target tokens, position -k..-1 of prompt p predicts targets[p], and the cache keeps
+    log p_clean(targets) for `sweep(want=("target_logprobs",))` (the refusal score)."""
     ablation.check_supported(model)
     transform = lm_head.logit_transform(model)
     input_ids = _field(encoded, "input_ids")  # [P, T] left padded
@@ -178,6 +192,14 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
     lengths = mask.sum(-1).tolist()
     if min(lengths) == 0:
         raise UsageError("a prompt is empty after tokenisation")
+    tail = 1
+    if targets is not None:
+        targets = torch.as_tensor(targets).long().cpu()  # [P, k]
+        if targets.ndim != 2 or targets.shape[0] != input_ids.shape[0] or targets.shape[1] < 1:
+            raise UsageError(f"targets must be [prompts, k] token ids, got shape {tuple(targets.shape)}")
+        tail = int(targets.shape[1])
+        if min(lengths) < tail:
+            raise UsageError(f"a prompt has fewer tokens than the {tail} target positions read from its end")
     by_length: dict[int, list[int]] = {}
     for p, n in enumerate(lengths):
         by_length.setdefault(int(n), []).append(p)
@@ -209,8 +231,9 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
 
     last_normed: list[torch.Tensor] = []
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(norm.register_forward_hook(lambda m, a, out: last_normed.append(out[:, -1].detach())))
+    handles.append(norm.register_forward_hook(lambda m, a, out: last_normed.append(out[:, -tail:].detach())))
     groups: list[_Group] = []
+    clean_targets = torch.zeros(input_ids.shape[0], tail, dtype=torch.float64) if targets is not None else None
     prefix: _Group | None = None
     P = input_ids.shape[0]
     clean_logprobs: torch.Tensor | None = None
@@ -240,7 +263,10 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
                     del past
                 else:
                     backbone(input_ids=ids, use_cache=False)  # the LM head runs below, at the last position only
-                hidden = last_normed[-1]  # [n, D]
+                normed = last_normed[-1]  # [n, tail, D]
+                hidden = normed[:, -1]  # [n, D]
+                if clean_targets is not None:
+                    clean_targets[prompts] = _target_logprobs(model, normed, targets[prompts], transform).cpu()
                 logits = lm_head.logits(model, hidden, transform)
                 groups.append(recorded(prompts, logits))
                 if clean_logprobs is None:
@@ -254,7 +280,18 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
             h.remove()
     if self_check:
         check_against_forward(model, encoded, clean_logprobs)
-    return CleanCache(model, groups, clean_logprobs, clean_hidden, means, n_layers, n_heads, prefix=prefix)
+    return CleanCache(model, groups, clean_logprobs, clean_hidden, means, n_layers, n_heads, prefix=prefix,
+                      targets=targets, clean_target_logprobs=clean_targets)
+
+
+def _target_logprobs(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor, transform) -> torch.Tensor:
+    """log p(targets) [n, k] float64 from final-norm hidden states [n, k, D], one position at a time
+    (an [n, V] logit block at a time, as for the last position alone)."""
+    out = torch.empty(targets.shape, dtype=torch.float64)
+    for j in range(targets.shape[1]):
+        lp = torch.log_softmax(lm_head.logits(model, normed[:, j], transform).double(), -1)  # [n, V]
+        out[:, j] = lp.gather(1, targets[:, j:j + 1].to(lp.device))[:, 0].cpu()
+    return out
 
 
 # Largest |log p_engine - log p_model| allowed on the top tokens, by the LM head's dtype. The two
@@ -399,7 +436,7 @@ FEED_FORWARD_NAMES = ("mlp", "feed_forward", "block_sparse_moe")  # the position
 
 
 @contextlib.contextmanager
-def _last_position_only(layer: nn.Module):
+def _last_position_only(layer: nn.Module, tail: int = 1):
     """Inside the final decoder layer only the last position's output is ever read (the KL and the
     hidden state are taken there), and the feed-forward block is position-wise: run it on the last
     position alone and return zeros for the others. That skips about 90% of the final layer's work
@@ -416,14 +453,14 @@ def _last_position_only(layer: nn.Module):
     whole = []  # set once the block turned out not to return a plain tensor
 
     def forward(x: torch.Tensor, *args, **kwargs):
-        if whole or x.ndim != 3 or x.shape[1] == 1:
+        if whole or x.ndim != 3 or x.shape[1] <= tail:
             return original(x, *args, **kwargs)
-        last = original(x[:, -1:], *args, **kwargs)  # [rows, 1, D]
+        last = original(x[:, -tail:], *args, **kwargs)  # [rows, tail, D]
         if not isinstance(last, torch.Tensor):
             whole.append(True)
             return original(x, *args, **kwargs)
         out = last.new_zeros(*x.shape[:2], last.shape[-1])  # [rows, T, D]
-        out[:, -1:] = last
+        out[:, -tail:] = last
         return out
 
     block.forward = forward
@@ -438,8 +475,8 @@ def _last_position_only(layer: nn.Module):
 
 def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], starts: list[int],
             method: str, epsilon: float, kv: _PrefixKV | None = None) -> torch.Tensor | None:
-    """Run `configs` (sorted by start layer) over the group's prompts; -> [C*n, D] final-norm
-    hidden states at the last position, rows config-major. `group` may be the shared prefix
+    """Run `configs` (sorted by start layer) over the group's prompts; -> [C*n, tail, D] final-norm
+    hidden states at the last `cache.tail` positions, rows config-major. `group` may be the shared prefix
     (`kv` then collects its keys/values and nothing is returned) or a group of prompts whose
     prefix is in `kv`."""
     model = cache.model
@@ -462,13 +499,13 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
             rows = hidden.shape[0]
             ablator.batch_rows = rows
             last = layer == cache.n_layers - 1 and group.clean_logits is not None
-            with _last_position_only(layers[layer]) if last else contextlib.nullcontext():
+            with _last_position_only(layers[layer], cache.tail) if last else contextlib.nullcontext():
                 out = layers[layer](hidden, *_for_replay(group.args[layer], n, rows, kv),
                                     **_for_replay(group.kwargs[layer], n, rows, kv))
             hidden = out[0] if isinstance(out, (tuple, list)) else out
     if group.clean_logits is None:
         return None
-    return ablation.final_norm(model)(hidden[:, -1:])[:, 0]  # [rows, D]
+    return ablation.final_norm(model)(hidden[:, -cache.tail:])  # [rows, tail, D]
 
 
 def _default_batch_size(cache: CleanCache) -> int:
@@ -536,7 +573,8 @@ def sweep(
     on_work: Callable[[int], None] | None = None,
 ) -> SweepResult:
     """For every configuration (a list of heads) and prompt: KL(p_clean || p_ablated) at the last
-    position, the final-norm last hidden state, and (if asked) the ablated log-probs.
+    position, the final-norm last hidden state, and (if asked) the ablated log-probs, or the
+    ablated log-probs of the teacher-forced targets the cache was prepared with.
 
     `on_work(n)` is told after every chunk the layer passes x prompts it replayed (a config that
     starts in layer l costs L - l per prompt), for a caller's progress bar; after an out-of-memory
@@ -552,6 +590,11 @@ def sweep(
     kl = torch.zeros(C, P, dtype=torch.float64) if "kl" in want else None
     hidden = cache.clean_hidden.expand(C, P, D).clone() if "hidden" in want else None
     logprobs = cache.clean_logprobs.expand(C, P, V).clone() if "logprobs" in want else None
+    target_lp = None
+    if "target_logprobs" in want:
+        if cache.targets is None:
+            raise UsageError("target_logprobs needs a clean cache prepared with targets")
+        target_lp = cache.clean_target_logprobs.expand(C, *cache.clean_target_logprobs.shape).clone()  # [C, P, k]
 
     starts_all = [_start_layer(c, cache.n_layers) for c in configs]
     order = sorted((i for i in range(C) if starts_all[i] < cache.n_layers), key=lambda i: starts_all[i])
@@ -579,10 +622,16 @@ def sweep(
                 prompts = torch.tensor(group.prompts)
                 for pos in range(0, len(block), per_chunk):
                     chunk = block[pos:pos + per_chunk]
-                    last = _replay(cache, group, [configs[i] for i in chunk], [starts_all[i] for i in chunk],
+                    tail = _replay(cache, group, [configs[i] for i in chunk], [starts_all[i] for i in chunk],
                                    method, epsilon, kv.for_prompts(n, pos) if kv is not None else None)
-                    logits = lm_head.logits(cache.model, last, transform) if (kl is not None or logprobs is not None) else None
+                    last = tail[:, -1]  # [rows, D]
                     index = torch.tensor(chunk)
+                    if target_lp is not None:
+                        want_t = cache.targets[prompts].repeat(len(chunk), 1)  # [rows, k], config-major
+                        target_lp[index[:, None], prompts[None, :]] = _target_logprobs(
+                            cache.model, tail, want_t, transform).view(len(chunk), n, -1)
+                    del tail
+                    logits = lm_head.logits(cache.model, last, transform) if (kl is not None or logprobs is not None) else None
                     if hidden is not None:
                         hidden[index[:, None], prompts[None, :]] = last.float().cpu().view(len(chunk), n, D)
                     if logits is not None:
@@ -615,7 +664,7 @@ def sweep(
         outer += len(block)
     bar.close()
     cache.extra.setdefault("batch_sizes", []).append(rows_max)  # [scale-out] for the run manifest
-    return SweepResult(cache.clean_logprobs, cache.clean_hidden, kl, hidden, logprobs, rows_max)
+    return SweepResult(cache.clean_logprobs, cache.clean_hidden, kl, hidden, logprobs, rows_max, target_lp)
 
 
 def single_head_configs(n_layers: int, n_heads: int, layers: Sequence[int] | None = None) -> list[list[Head]]:

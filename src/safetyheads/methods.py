@@ -109,6 +109,9 @@ register(Method(
     no_surgery="surgery cannot realise 'mean' ablation (it needs a bias the output projection may not have)"))
 
 
+METHOD_REGISTRY = METHODS  # the public name (safetyheads.METHOD_REGISTRY)
+
+
 def get(name: str) -> Method:
     """The registered method `name`; a one-line UsageError naming the choices otherwise."""
     method = METHODS.get(name)

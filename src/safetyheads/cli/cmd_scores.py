@@ -84,6 +84,22 @@ def cmd_sahara(args) -> int:
     return 0
 
 
+def cmd_refusal(args) -> int:
+    from ..refusal import run_refusal
+    result = run_refusal(*_inputs(args), judge=args.judge, tokens=args.tokens, max_new_tokens=args.max_new_tokens,
+                         **_ablation(args))
+    prompts = result.prompts
+    left_out = prompts[~prompts["used"]]
+    if not args.quiet:
+        _print_top(result.table, ["rank", "layer", "head", "score"], args.quiet)
+    n_used = int(prompts["used"].sum())
+    reasons = left_out["why"].value_counts(sort=False)
+    print(f"scored {n_used} of {len(prompts)} prompts (the ones the clean model refuses); left out "
+          f"{len(left_out)}" + (": " + ", ".join(f"{why} ({n})" for why, n in reasons.items()) if len(left_out) else ""))
+    print(f"wrote {result.out}/refusal.csv, refusal_prompts.csv")
+    return 0
+
+
 def _add_rank_args(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("generalized ships")
     p.add_argument("--rank", type=int, default=1, metavar="R",
@@ -132,3 +148,20 @@ def register(subparsers) -> None:
     p.add_argument("--gships-from", default=None, metavar="RUN_DIR",
                    help="take the topK candidates from this gships run instead of computing them")
     p.set_defaults(func=cmd_sahara)
+
+    from ..config import REFUSAL_JUDGE_TOKENS, REFUSAL_TOKENS
+    p = subparsers.add_parser("refusal", help="refusal score: how much ablating a head lowers the model's own refusal",
+                              description="For every prompt the clean model refuses (by --judge, on its greedy "
+                                          "answer), score each head by the drop of the teacher-forced "
+                                          "log-probability of the answer's first --tokens tokens under the "
+                                          "ablation (mean over refused prompts). Writes refusal.csv "
+                                          "(layer, head, method, score, rank, n_refused, n_used) and "
+                                          "refusal_prompts.csv (which prompts were refused and used).")
+    _add_common(p)
+    p.add_argument("--judge", default="keywords", metavar="SPEC",
+                   help="judge that decides which clean answers are refusals (default keywords)")
+    p.add_argument("--tokens", type=int, default=REFUSAL_TOKENS, metavar="K",
+                   help="refusal tokens scored (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=REFUSAL_JUDGE_TOKENS, metavar="N",
+                   help="tokens of the clean answer the judge reads (default %(default)s)")
+    p.set_defaults(func=cmd_refusal)
