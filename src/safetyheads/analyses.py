@@ -71,8 +71,8 @@ def _ships_chunk(cache, inputs: Inputs, heads: list[Head], method: str, epsilon:
         kl = result.kl                                                   # [C, P] float64
         if gships is not None:
             basis, rank, center = gships
-            values = [scores.generalized_ships(result.clean_hidden, result.hidden[c], rank, center=center,
-                                               clean_basis=basis) for c in range(len(configs))]
+            values = scores.generalized_ships_batch(result.clean_hidden, result.hidden, rank, center=center,
+                                                    clean_basis=basis)
             gtable = scores.gships_table(heads, values, method)[["layer", "head", "method", "score"]]
     else:
         # The reference's smoothed KL needs whole distributions: ask for log-probs in slices small
@@ -87,8 +87,8 @@ def _ships_chunk(cache, inputs: Inputs, heads: list[Head], method: str, epsilon:
             parts.append(scores.kl_from_logprobs(res.clean_logprobs, res.logprobs, smoothed=True).numpy())
             if gships is not None:
                 basis, rank, center = gships
-                gparts += [scores.generalized_ships(res.clean_hidden, res.hidden[c], rank, center=center,
-                                                    clean_basis=basis) for c in range(res.hidden.shape[0])]
+                gparts += list(scores.generalized_ships_batch(res.clean_hidden, res.hidden, rank, center=center,
+                                                              clean_basis=basis))
         kl = np.concatenate(parts)
         if gships is not None:
             gtable = scores.gships_table(heads, gparts, method)[["layer", "head", "method", "score"]]
@@ -155,8 +155,7 @@ def _gships_scores(cache, configs: list[list[Head]], method: str, epsilon: float
     result = sweep(cache, configs, method, epsilon, want=("hidden",), progress=False, on_work=on_work)
     hidden = result.hidden                                               # [C, P, D] float32
     clean = result.clean_hidden                                          # [P, D]
-    return np.array([scores.generalized_ships(clean, hidden[c], rank, center=center, clean_basis=clean_basis)
-                     for c in range(len(configs))], dtype=np.float64)
+    return scores.generalized_ships_batch(clean, hidden, rank, center=center, clean_basis=clean_basis)
 
 
 def run_gships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
@@ -281,7 +280,7 @@ def run_sahara(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
                 bar.heads(len(chunk))
             run.sync(cache)                                              # [scale-out]
             step_scores = run.read_chunks(f"sahara_S{step:03d}_")
-            ordered = step_scores.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable")
+            ordered = scores.best_first(step_scores)
             best = (int(ordered.iloc[0]["layer"]), int(ordered.iloc[0]["head"]))
             tried.append(step_scores)
             group.append(best)
@@ -299,7 +298,7 @@ def run_sahara(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     })
     candidates_table = pd.concat(tried, ignore_index=True)[["step", "layer", "head", "score"]]
     candidates_table = candidates_table.sort_values(["step", "layer", "head"], kind="stable").reset_index(drop=True)
-    group_text = ",".join(f"{a}-{b}" for a, b in group)
+    group_text = scores.heads_text(group)
     run.write_table("sahara", steps)
     run.write_table("sahara_candidates", candidates_table)
     run.write_json("sahara", {"group": [list(h) for h in group], "heads": group_text, "method": method,

@@ -245,7 +245,8 @@ class WorkBar:
 
 def head_list(df: pd.DataFrame) -> list[str]:
     """`LAYER-HEAD` strings of a table's rows (e.g. its top 10 for the manifest)."""
-    return [f"{int(r['layer'])}-{int(r['head'])}" for _, r in df.iterrows()]
+    from .scores import table_heads
+    return [f"{a}-{b}" for a, b in table_heads(df)]
 
 
 def plan_chunks(heads: Sequence[Head], n_prompts: int, chunk_rows: int = CHUNK_ROWS) -> list[list[Head]]:

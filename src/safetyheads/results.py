@@ -278,7 +278,8 @@ def _with_rank(df: pd.DataFrame) -> pd.DataFrame:
     df["head"] = df["head"].astype(int)
     df["score"] = df["score"].astype(float)
     if "rank" not in df.columns or df["rank"].isna().any():
-        order = df.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable").index
+        from .scores import best_first  # torch-free callers (summary) only pay for it here
+        order = best_first(df).index
         df.loc[order, "rank"] = np.arange(1, len(df) + 1)
     df["rank"] = df["rank"].astype(int)
     return df

@@ -123,9 +123,11 @@ def generalized_ships(clean_hidden: torch.Tensor | np.ndarray, ablated_hidden: t
 
 
 def generalized_ships_batch(clean_hidden: torch.Tensor, hidden: torch.Tensor, rank: int = 1, *,
-                            center: bool = False) -> np.ndarray:
-    """Generalized Ships for C ablations at once: clean [P, D], hidden [C, P, D] -> [C] degrees."""
-    clean_basis = clean_subspace(clean_hidden, rank, center=center)
+                            center: bool = False, clean_basis: np.ndarray | None = None) -> np.ndarray:
+    """Generalized Ships for C ablations at once: clean [P, D], hidden [C, P, D] -> [C] degrees
+    (the clean SVD once; `clean_basis` = `clean_subspace(...)` to share it across calls)."""
+    if clean_basis is None:
+        clean_basis = clean_subspace(clean_hidden, rank, center=center)
     return np.array([generalized_ships(clean_hidden, hidden[c], rank, center=center, clean_basis=clean_basis)
                      for c in range(hidden.shape[0])], dtype=np.float64)
 
@@ -207,9 +209,26 @@ def gships_table(heads: Sequence[Head], scores: Sequence[float] | np.ndarray, me
     return rank_by_score(df)
 
 
+def best_first(df: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """THE ranking order of every score table: highest `score` first, ties in (layer, head)
+    order; optionally grouped by the columns `by` first (e.g. method). Stable."""
+    keys = [*by, "score", "layer", "head"]
+    return df.sort_values(keys, ascending=[True] * len(by) + [False, True, True], kind="stable")
+
+
+def heads_text(heads: Sequence[Head]) -> str:
+    """Heads in the command line's `LAYER-HEAD` syntax (`ablation.parse_heads` reads it back)."""
+    return ",".join(f"{int(layer)}-{int(head)}" for layer, head in heads)
+
+
+def table_heads(df: pd.DataFrame) -> list[Head]:
+    """The (layer, head) of a score table's rows, in row order."""
+    return [(int(a), int(b)) for a, b in zip(df["layer"], df["head"])]
+
+
 def rank_by_score(df: pd.DataFrame) -> pd.DataFrame:
     """Add `rank` (1 = highest score) within each method and sort by method, rank."""
-    df = df.sort_values(["method", "score", "layer", "head"], ascending=[True, False, True, True], kind="stable")
+    df = best_first(df, by=["method"])
     df = df.assign(rank=df.groupby("method", sort=False).cumcount().astype(np.int64) + 1)
     return df[GSHIPS_COLUMNS].reset_index(drop=True)
 

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ablation, lm_head, methods
+from . import ablation, lm_head, methods, scores
 from .config import SCREEN_PROBES as DEFAULT_PROBES
 from .config import SUBSPACE_PROBES as DEFAULT_SUBSPACE_PROBES
 from .errors import UsageError
@@ -110,21 +110,20 @@ class ScreenResult:
         return ranking_table(self.head_scores(target), self.method)
 
 
-def ranking_table(scores: torch.Tensor | np.ndarray, method: str) -> pd.DataFrame:
+def ranking_table(values: torch.Tensor | np.ndarray, method: str) -> pd.DataFrame:
     """[L, H] scores -> DataFrame `layer, head, method, score, rank`, rank 1 = highest score."""
-    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    s = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
     n_layers, n_heads = s.shape
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     df = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), "method": method, "score": s.ravel()})
-    df = df.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable").reset_index(drop=True)
+    df = scores.best_first(df).reset_index(drop=True)
     df["rank"] = np.arange(1, len(df) + 1)
     return df
 
 
-def top_heads(scores: torch.Tensor | np.ndarray, k: int) -> list[Head]:
+def top_heads(values: torch.Tensor | np.ndarray, k: int) -> list[Head]:
     """The k heads with the highest [L, H] scores, best first."""
-    df = ranking_table(scores, "")
-    return [(int(r.layer), int(r.head)) for r in df.head(k).itertuples()]
+    return scores.table_heads(ranking_table(values, "").head(k))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +553,7 @@ def auto_scores(model: nn.Module, encoded, method: str = "undifferentiated", eps
                 progress: bool = True) -> AutoResult:
     """Screen every head, then score the screen's `top_k` heads (among `allowed`) exactly with the
     sweep engine. The engine's clean pass also supplies the clean subspace for the screen."""
-    from . import engine, scores
+    from . import engine
 
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
@@ -577,8 +576,8 @@ def auto_scores(model: nn.Module, encoded, method: str = "undifferentiated", eps
         out.exact_kl = sweep.kl
     else:
         basis = scores.clean_subspace(sweep.clean_hidden, rank, center=center)
-        out.exact_angle = np.array([scores.generalized_ships(sweep.clean_hidden, sweep.hidden[c], rank, center=center,
-                                                             clean_basis=basis) for c in range(len(chosen))])
+        out.exact_angle = scores.generalized_ships_batch(sweep.clean_hidden, sweep.hidden, rank, center=center,
+                                                         clean_basis=basis)
     out.seconds_exact = time.perf_counter() - t1
     return out
 
@@ -617,7 +616,7 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     of `batch_size` prompts (`screen_P00000`, ...), the exact stage the same layer chunks as
     `run_ships`/`run_gships`, so a killed run resumes to byte-identical files and torchrun ranks
     share the chunks."""
-    from . import analyses, distributed, pipeline, scores
+    from . import analyses, distributed, pipeline
     from .prompts import encode
 
     if mode not in ("screen", "auto"):
@@ -696,7 +695,7 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
 
 def _auto_exact_ships(run, inputs, cache, bar, chosen: list[Head], method: str, epsilon: float, chunk_rows: int,
                       result: ScreenResult) -> tuple[pd.DataFrame, dict[Head, float]]:
-    from . import analyses, pipeline, scores
+    from . import analyses, pipeline
     for chunk, key in pipeline.pending_chunks(run, inputs, bar, "ships_L", pipeline.plan_chunks(chosen, len(inputs.texts),
                                                                                                  chunk_rows)):
         table, _ = analyses._ships_chunk(cache, inputs, chunk, method, epsilon, False, on_work=bar.advance)
@@ -714,7 +713,7 @@ def _auto_exact_ships(run, inputs, cache, bar, chosen: list[Head], method: str, 
 
 def _auto_exact_gships(run, inputs, cache, bar, chosen: list[Head], method: str, epsilon: float, chunk_rows: int,
                        rank: int, center: bool, result: ScreenResult) -> tuple[pd.DataFrame, dict[Head, float]]:
-    from . import analyses, pipeline, scores
+    from . import analyses, pipeline
     basis = scores.clean_subspace(cache.clean_hidden, rank, center=center)
     for chunk, key in pipeline.pending_chunks(run, inputs, bar, "gships_L", pipeline.plan_chunks(chosen, len(inputs.texts),
                                                                                                   chunk_rows)):

@@ -79,7 +79,8 @@ def cmd_sahara(args) -> int:
     result = run_sahara(*_inputs(args), group_size=args.group_size, candidates=args.candidates,
                         gships_from=args.gships_from, rank=args.rank, center=args.center, **_ablation(args))
     _print_top(result.steps, ["step", "layer", "head", "score"], args.quiet)
-    print("group: " + ",".join(f"{a}-{b}" for a, b in result.group))
+    from ..scores import heads_text
+    print("group: " + heads_text(result.group))
     print(f"wrote {result.out}/sahara.csv")
     return 0
 
