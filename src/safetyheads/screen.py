@@ -159,6 +159,41 @@ class _Tap:
         return out + tap, weights
 
 
+#: Probe directions backpropagated together in one vectorised backward pass (torch.vmap over the
+#: vector-Jacobian product, `is_grads_batched`): the same numbers as one pass per probe, about 1.8x
+#: faster on 2 CPU cores (SmolLM2, 8 prompts, 8 probes), at the price of PROBE_BATCH x the backward
+#: activations. Models whose backward cannot be vmapped fall back to one pass per probe.
+PROBE_BATCH = 8
+
+
+def _probe_products(h: torch.Tensor, taps: Sequence[torch.Tensor], directions: Sequence[torch.Tensor], tap: _Tap,
+                    n_layers: int, n_heads: int) -> list[torch.Tensor]:
+    """For each direction d [b, D]: the first-order change of dᵀĥ per example and head, [b, L, H]."""
+    out: list[torch.Tensor] = []
+    batched = True
+    i = 0
+    while i < len(directions):
+        group = directions[i:i + (PROBE_BATCH if batched else 1)]
+        last = i + len(group) == len(directions)
+        try:
+            if batched and len(group) > 1:
+                # the graph is kept: a failed vmapped pass must leave it for the fallback
+                grads = torch.autograd.grad(h, taps, grad_outputs=torch.stack(group), retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True)  # each [N, B, T, H, hd]
+                out += [_head_products(tap, [None if g is None else g[n] for g in grads], n_layers, n_heads,
+                                       h.shape[0]) for n in range(len(group))]
+            else:
+                grads = torch.autograd.grad((h * group[0]).sum(), taps, retain_graph=not last, allow_unused=True)
+                out.append(_head_products(tap, grads, n_layers, n_heads, h.shape[0]))
+        except RuntimeError:
+            if not batched or len(group) == 1:
+                raise
+            batched = False  # an op without a batching rule: one pass per probe from here on
+            continue
+        i += len(group)
+    return out
+
+
 def _head_products(tap: _Tap, grads: Sequence[torch.Tensor | None], n_layers: int, n_heads: int,
                    batch: int) -> torch.Tensor:
     """First-order change of the probed scalar per example and head: [B, L, H] float64."""
@@ -459,10 +494,7 @@ class Screener:
             out["proj"] = torch.zeros(self.n_directions, h.shape[0], L, H, dtype=torch.float64)
             directions += [v.to(self.device, h.dtype).expand_as(h) for v in self.basis.directions]
         with _frozen(self.model):
-            for j, direction in enumerate(directions):
-                grads = torch.autograd.grad((h * direction).sum(), taps, retain_graph=j < len(directions) - 1,
-                                            allow_unused=True)
-                prod = _head_products(tap, grads, L, H, h.shape[0])  # [b, L, H]
+            for j, prod in enumerate(_probe_products(h, taps, directions, tap, L, H)):  # prod [b, L, H]
                 if j < n_ships:
                     out["ships"] += 0.5 * prod.square()
                 else:
