@@ -289,3 +289,12 @@ def test_exact_subspace_rotation_matches_scipy(rank):
     assert abs(_estimate(m, dm, rank, 0, exact=True) - truth) < 2e-3 * truth
     # few prompts: the default budget already covers every direction, no sampling
     assert _estimate(m, dm, rank, 8 - rank) == pytest.approx(_estimate(m, dm, rank, 0, exact=True), rel=1e-12)
+
+
+def test_vectorised_backward_equals_one_pass_per_probe(monkeypatch):
+    model, enc = _model(), _encoded()
+    together = S.screen(model, enc, "undifferentiated", probes=3, progress=False)
+    monkeypatch.setattr(S, "PROBE_BATCH", 1)
+    apart = S.screen(model, enc, "undifferentiated", probes=3, progress=False)
+    assert torch.allclose(together.ships, apart.ships, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(together.gships, apart.gships, rtol=1e-10, atol=1e-14)
