@@ -24,7 +24,7 @@ import torch
 from scipy.stats import spearmanr
 
 from safetyheads import engine, scores
-from safetyheads.config import SCREEN_PROBES
+from safetyheads.config import SCREEN_PROBES, SUBSPACE_PROBES
 from safetyheads import screen as S
 from safetyheads.ablation import num_layers_heads
 from safetyheads.data import load_prompts
@@ -48,6 +48,10 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=SCREEN_PROBES)
     ap.add_argument("--ships-variants", default="1+0,8+0,1+2",
                     help="extra ships screens to compare, EIGEN+RANDOM probes each (screen time only)")
+    ap.add_argument("--subspace-probes", type=int, default=SUBSPACE_PROBES)
+    ap.add_argument("--gships-variants", default="0,full",
+                    help="extra gships screens to compare: subspace probe budgets, 0 = the old first-term-only "
+                         "shortcut, full = every direction exact (screen time only)")
     ap.add_argument("--top-k", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8, help="screen prompts per forward/backward")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -76,12 +80,13 @@ def main() -> None:
         for target in ("ships", "gships"):
             t0 = time.perf_counter()
             scr = S.screen(model, enc, method, args.epsilon, targets=(target,), probes=args.probes,
-                           batch_size=args.batch_size, progress=False)
+                           subspace_probes=args.subspace_probes, batch_size=args.batch_size, progress=False)
             t_screen = time.perf_counter() - t0
             est = np.array([float(scr.head_scores(target)[a, b]) for a, b in heads])
             t0 = time.perf_counter()
             auto = S.auto_scores(model, enc, method, args.epsilon, target=target, top_k=args.top_k,
-                                 probes=args.probes, batch_size=args.batch_size, progress=False)
+                                 probes=args.probes, subspace_probes=args.subspace_probes,
+                                 batch_size=args.batch_size, progress=False)
             t_auto = time.perf_counter() - t0
             auto_vals = auto.exact_kl.mean(1).numpy() if target == "ships" else auto.exact_angle
             truth10 = _top(exact[target], heads, 10)
@@ -101,6 +106,23 @@ def main() -> None:
                 row["fisher_captured_mean"] = float(scr.fisher_captured.mean())
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if target == "gships":
+                for variant in filter(None, args.gships_variants.split(",")):
+                    kw = {"full_subspace": True} if variant == "full" else {"subspace_probes": int(variant)}
+                    t0 = time.perf_counter()
+                    var = S.screen(model, enc, method, args.epsilon, targets=("gships",),
+                                   batch_size=args.batch_size, progress=False, **kw)
+                    t_var = time.perf_counter() - t0
+                    v_est = np.array([float(var.head_scores("gships")[a, b]) for a, b in heads])
+                    vrow = {"model": args.model, "method": method, "target": f"gships[{variant}]",
+                            "spearman": float(spearmanr(v_est, exact["gships"])[0]),
+                            "recall10_in_top10": len(truth10 & _top(v_est, heads, 10)),
+                            "recall10_in_top40": len(truth10 & _top(v_est, heads, 40)),
+                            "auto_top10_match": "-", "t_screen_s": t_var, "t_auto_s": float("nan"),
+                            "t_exact_s": t_exact, "speedup_screen": t_exact / t_var, "speedup_auto": float("nan"),
+                            "n_backward": var.n_backward}
+                    rows.append(vrow)
+                    print(json.dumps(vrow), flush=True)
             if target != "ships":
                 continue
             for variant in filter(None, args.ships_variants.split(",")):
