@@ -8,7 +8,9 @@
    scores every head exactly.
 2. The paper's figure from those four runs.
 3. The proof: generate answers with the top-1 and top-3 heads (JailbreakBench ranking, each method)
-   ablated, judge them, and compare the attack success rate and helpfulness with the clean model.
+   ablated, and with as many random heads (2 seeded draws per K, the control), judge them, and
+   compare the attack success rate (95% Wilson intervals, paired McNemar test) and helpfulness with
+   the clean model; `dose_response.png` draws ASR vs heads ablated, found heads vs the random band.
 4. One self-contained HTML report, and a short summary table on the terminal.
 
 The default sizes fit ~15 minutes on 2 CPU cores; `full=True` runs the paper-scale version
@@ -41,11 +43,13 @@ class DemoSizes:
     harmless_prompts: int | None = 16   # built-in harmless prompts for the helpfulness checks
     max_new_tokens: int = 32
     top: tuple[int, ...] = (1, 3)       # ablate the top-1 and the top-3 heads
+    random: tuple[int, ...] = (1, 3)    # random-head controls of these sizes (() = none)
+    repeats: int = 2                    # random draws per size (seed 0)
 
     @classmethod
     def full(cls) -> "DemoSizes":
         return cls(gships_prompts=None, exact_top_k=None, eval_prompts=None, harmless_prompts=None,
-                   max_new_tokens=128)
+                   max_new_tokens=128, top=(1, 3, 10), random=(1, 3, 10), repeats=3)
 
 
 def _fmt(n: int | None) -> str:
@@ -77,7 +81,10 @@ def run_demo(model: Any = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "r
                else f"all heads screened, the top {sizes.exact_top_k} exactly")
     log(f"safetyheads demo: model {getattr(model, 'spec', model)}; Generalized Ships ({scoring}) on {_fmt(sizes.gships_prompts)} "
         "prompts per dataset, "
-        f"ASR on {_fmt(sizes.eval_prompts)} prompts per dataset with {sizes.max_new_tokens} new tokens, "
+        f"ASR on {_fmt(sizes.eval_prompts)} prompts per dataset with {sizes.max_new_tokens} new tokens "
+        f"(top {', '.join(map(str, sizes.top))} heads"
+        + (f" vs {sizes.repeats} random draws of {', '.join(map(str, sizes.random))}" if sizes.random else "")
+        + "), "
         f"helpfulness on {_fmt(sizes.harmless_prompts)} harmless prompts"
         + ("" if full else "  (use --full for the paper-scale run)"))
     # Fail early (before loading the model) when the datasets cannot be found offline.
@@ -114,6 +121,7 @@ def run_demo(model: Any = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "r
     # Heads come from the JailbreakBench ranking of each method; they are tested on both datasets.
     from_runs = [score_runs[("jailbreakbench", m)] for m in DEMO_METHODS]
     result = evaluate(loaded, list(DEMO_DATASETS), from_runs=from_runs, top=sizes.top, methods=DEMO_METHODS,
+                      random=sizes.random, repeats=sizes.repeats if sizes.random else None, random_seed=0,
                       max_new_tokens=sizes.max_new_tokens, limit=sizes.eval_prompts,
                       harmless_limit=sizes.harmless_prompts, data_dir=data_dir, out=root / "evaluate",
                       resume=True, quiet=quiet)
@@ -137,15 +145,20 @@ def run_demo(model: Any = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "r
     log(summary.to_string(index=False))
     log("")
     log(f"figure: {figure.paths[0]}")
+    dose = root / "evaluate" / "dose_response.png"
+    if dose.is_file():
+        log(f"dose-response (found vs random heads, 95% intervals): {dose}")
     log(f"report: {report.path}")
     log(f"wall time: {timings['total']:.0f} s")
     return {"sizes": asdict(sizes), "score_runs": {f"{k[0]}/{k[1]}": str(v) for k, v in score_runs.items()},
             "top_heads": top_heads, "asr": summary, "figure": [str(p) for p in figure.paths],
+            "dose_response": str(dose) if dose.is_file() else None,
             "report": str(report.path), "timings": timings}
 
 
 def summary_table(asr: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, condition) with the overall ASR: the table the demo prints."""
     df = asr[asr["category"] == "all"] if "category" in asr.columns else asr
-    cols = [c for c in ("dataset", "condition", "heads", "method", "judge", "n", "asr") if c in df.columns]
+    cols = [c for c in ("dataset", "condition", "ranking", "k", "draw", "heads", "method", "judge", "n", "asr",
+                        "asr_low", "asr_high", "mcnemar_p") if c in df.columns]
     return df[cols].reset_index(drop=True)

@@ -41,8 +41,14 @@ def test_demo_end_to_end_and_resume(tmp_path):
     overall = asr[asr["category"] == "all"]
     assert set(overall["dataset"]) == set(DEMO_DATASETS)
     assert set(overall["condition"]) == {"baseline", "ablated"}
-    # top-1 and top-3 for each method, on each dataset, plus the baseline
-    assert len(overall) == len(DEMO_DATASETS) * (1 + len(sizes.top) * len(DEMO_METHODS))
+    # top-1 and top-3 and the random draws for each method, on each dataset, plus the baseline
+    per_method = len(sizes.top) + len(sizes.random) * sizes.repeats
+    assert len(overall) == len(DEMO_DATASETS) * (1 + per_method * len(DEMO_METHODS))
+    random_rows = overall[overall["ranking"] == "random"]
+    assert sorted(set(random_rows["k"])) == sorted(sizes.random) and set(random_rows["draw"]) == {1, 2}
+    # the demo's dose-response figure: found heads vs the random band
+    assert out["dose_response"] == str(root / "evaluate" / "dose_response.png")
+    assert (root / "evaluate" / "dose_response.png").stat().st_size > 10_000
     assert any("report:" in line for line in lines)
     assert out["timings"]["total"] > 0
 
