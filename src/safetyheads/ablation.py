@@ -30,18 +30,36 @@ from .errors import UnsupportedModelError, UsageError
 METHODS = methods.names()  # what each one means: methods.py
 Head = tuple[int, int]
 
-# model_type values whose tiny random models pass tests/unit/test_ablation*.py and test_engine*.py.
-SUPPORTED_ARCHITECTURES = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "olmo2",
-    "gpt_neox",
-)
+# What the architecture harness (archcheck.py, `make test-archs`) verified on the installed
+# transformers: resources/architectures.json, {model_type: {"status", "reason", ...}}.
+_ARCHITECTURES_FILE = Path(__file__).with_name("resources") / "architectures.json"
+
+
+def architecture_matrix() -> dict[str, dict]:
+    """The harness's last results ({} when the file is missing)."""
+    import json
+
+    try:
+        data = json.loads(_ARCHITECTURES_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("types", {})
+
+
+# model_type values the harness accepted (every semantic check passed on a tiny random model).
+SUPPORTED_ARCHITECTURES = tuple(sorted(t for t, r in architecture_matrix().items() if r.get("status") == "accepted"))
+_UNGUARDED = [0]  # > 0 while the harness verifies a type (`unguarded()`)
+
+
+@contextmanager
+def unguarded() -> Iterator[None]:
+    """Lift `check_supported` for the duration of the block (the architecture harness only)."""
+    _UNGUARDED[0] += 1
+    try:
+        yield
+    finally:
+        _UNGUARDED[0] -= 1
+
 
 _PREFIX = "safetyheads_"
 _STATE_ATTR = "_safetyheads_ablation"  # set on attention modules while a context is active
@@ -59,20 +77,37 @@ def text_config(model_or_config: Any):
 
 
 def check_supported(model_or_config: Any) -> None:
-    """Raise UnsupportedModelError unless the architecture is one the engine is tested on."""
+    """Raise UnsupportedModelError (one line) unless the architecture harness verified the model
+    type; the reason names the class of problem it found (no softmax attention, attention not
+    routed through the attention interface, a check that failed, ...)."""
+    if _UNGUARDED[0]:
+        return
     config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)  # a multimodal wrapper (e.g. "gemma3") is not tested
-    if model_type not in SUPPORTED_ARCHITECTURES or getattr(text_config(config), "model_type", None) != model_type:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported by the head-ablation engine; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    model_type = getattr(config, "model_type", None)
+    if model_type in SUPPORTED_ARCHITECTURES:
+        return
+    entry = architecture_matrix().get(model_type)
+    if entry is not None and entry.get("status") != "accepted":
+        why = entry.get("reason") or entry.get("status")
+    else:
+        why = "not verified by the architecture harness on this transformers version (run `make test-archs`)"
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported by the head-ablation engine: {why} "
+        f"({len(SUPPORTED_ARCHITECTURES)} model types are; see docs/architectures.md)"
+    )
 
 
 def num_layers_heads(model: Any) -> tuple[int, int]:
-    """(number of decoder layers, number of query heads per layer)."""
+    """(number of decoder layers, number of query heads per layer). For a loaded model the layers
+    are counted in the model (some configs' num_hidden_layers counts other blocks too); layers
+    without softmax attention count as layers, their heads are absent (`attention_layers`)."""
     config = text_config(model)
-    return int(config.num_hidden_layers), int(config.num_attention_heads)
+    heads = getattr(config, "num_attention_heads", None)
+    if isinstance(heads, (list, tuple)):
+        heads = max(heads)
+    if isinstance(model, nn.Module):
+        return len(decoder_layers(model)), int(heads)
+    return int(config.num_hidden_layers), int(heads)
 
 
 def _range_hint(n_layers: int, n_heads: int) -> str:
@@ -135,123 +170,220 @@ def _check_heads(heads: Sequence[Head], n_layers: int, n_heads: int) -> list[Hea
 
 
 # ----------------------------------------------------------------------------------------------
-# Model structure (generic lookups; the per-architecture knowledge is only needed for surgery)
+# Model structure: a generic layout resolver (the per-architecture knowledge is only needed for surgery)
 # ----------------------------------------------------------------------------------------------
 
-def decoder_backbone(model: nn.Module) -> nn.Module:
-    """The module that owns the decoder layers and the final norm (e.g. `LlamaModel`)."""
-    base = getattr(model, "base_model", model)
-    for candidate in (base, getattr(base, "language_model", None), getattr(base, "model", None)):
-        if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
+_LAYER_LIST_NAMES = ("layers", "h", "layer", "blocks", "block", "decoder_layers")
+_NORM_NAMES = ("norm", "final_layer_norm", "final_layernorm", "ln_f", "norm_f", "final_norm", "ln_out",
+               "layer_norm", "final_ln", "output_norm")
+_INTERFACE_MARKS = ("ALL_ATTENTION_FUNCTIONS", "AttentionInterface")
+_routes_cache: dict[type, bool] = {}
+
+
+def _layer_list(module: nn.Module) -> nn.ModuleList | None:
+    for name in _LAYER_LIST_NAMES:
+        candidate = getattr(module, name, None)
+        if isinstance(candidate, nn.ModuleList) and len(candidate) > 0:
             return candidate
-    raise UnsupportedModelError(f"cannot find the decoder layers of {type(model).__name__}")
+    return None
+
+
+def decoder_backbone(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers and the final norm (`LlamaModel`, GPT-2's
+    `transformer`, OPT's `model.decoder`, a multimodal wrapper's language model, ...)."""
+    seen: list[nn.Module] = []
+    frontier = [model]
+    for _ in range(4):  # breadth first, a few levels: the text decoder is never buried deeper
+        nxt = []
+        for m in frontier:
+            if any(m is s for s in seen):
+                continue
+            seen.append(m)
+            if _layer_list(m) is not None and m is not model:
+                return m
+            for name in ("language_model", "text_model", "model", "transformer", "decoder", "base_model",
+                         "backbone", "gpt_neox", "text_decoder"):
+                child = getattr(m, name, None)
+                if isinstance(child, nn.Module):
+                    nxt.append(child)
+        frontier = nxt
+    if _layer_list(model) is not None:
+        return model
+    raise UnsupportedModelError(f"layout not found: cannot find the decoder layers of {type(model).__name__}")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return decoder_backbone(model).layers
+    return _layer_list(decoder_backbone(model))
+
+
+class _NoNorm(nn.Identity):
+    """Stands in for the final norm of a model that has none."""
 
 
 def final_norm(model: nn.Module) -> nn.Module:
+    """The backbone's final norm, or an identity module for a model without one."""
     backbone = decoder_backbone(model)
-    for name in ("norm", "final_layer_norm", "final_layernorm", "ln_f"):
+    for name in _NORM_NAMES:
         module = getattr(backbone, name, None)
         if isinstance(module, nn.Module):
             return module
-    raise UnsupportedModelError(f"cannot find the final norm of {type(model).__name__}")
+    return _NoNorm()
+
+
+def routes_through_interface(module: nn.Module) -> bool:
+    """Whether the module's class computes its attention through transformers' attention
+    interface (its source, or a base class's, looks the function up there)."""
+    cls = type(module)
+    if cls not in _routes_cache:
+        import inspect
+
+        found = False
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("torch."):
+                break
+            try:
+                source = inspect.getsource(klass)
+            except (OSError, TypeError):
+                continue
+            if any(mark in source for mark in _INTERFACE_MARKS):
+                found = True
+                break
+        _routes_cache[cls] = found
+    return _routes_cache[cls]
+
+
+def layer_attention(layer: nn.Module) -> nn.Module | None:
+    """The softmax self-attention module of a decoder layer (routed through the attention
+    interface), or None for a layer without one (Mamba, linear attention, ...)."""
+    for name in ("self_attn", "attention", "attn", "self_attention", "mixer", "attn_layer", "token_mixer"):
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module) and routes_through_interface(module):
+            return module
+    for name, module in layer.named_children():
+        if "cross" not in name and routes_through_interface(module) and hasattr(module, "forward"):
+            if any(isinstance(c, nn.Linear) or type(c).__name__ == "Conv1D" for c in module.children()):
+                return module
+    return None
 
 
 def attention_module(layer: nn.Module) -> nn.Module:
-    for name in ("self_attn", "attention", "attn"):
-        module = getattr(layer, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise UnsupportedModelError(f"cannot find the attention module of {type(layer).__name__}")
+    module = layer_attention(layer)
+    if module is None:
+        raise UnsupportedModelError(f"no softmax attention routed through the attention interface in {type(layer).__name__}")
+    return module
+
+
+def attention_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """{layer index: its softmax attention module} for the decoder layers that have one; the
+    heads of the other layers are absent (hybrid models: Mamba / linear-attention layers)."""
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        module = layer_attention(layer)
+        if module is not None:
+            out[i] = module
+    if not out:
+        raise UnsupportedModelError(
+            f"no softmax attention routed through the attention interface in {type(model).__name__}'s decoder layers")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
-# The attention wrapper
+# The attention wrapper: transformers' attention lookup, intercepted (the implementation keeps its name)
 # ----------------------------------------------------------------------------------------------
 
-def _original_function(original: str, module: nn.Module) -> Callable:
-    """The attention function the model would have used: eager is model-specific (soft-capping,
-    sinks...), the others come from transformers' registry."""
-    if original == "eager":
-        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if fn is None:
-            raise UnsupportedModelError(f"{type(module).__name__} has no eager_attention_forward")
+_PATCH = {"depth": 0, "saved": None}
+
+
+def _dispatch(fn: Callable) -> Callable:
+    """The attention function `fn` a module looked up, routed through the hook of the active
+    context when the calling module is attached to one."""
+    if getattr(fn, "_safetyheads", False):
         return fn
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return ALL_ATTENTION_FUNCTIONS[original]
-
-
-def _make_wrapper(original: str) -> Callable:
     def attention(module, query, key, value, *args, **kwargs):
-        fn = _original_function(original, module)
         state = getattr(module, _STATE_ATTR, None)
-        if state is None:  # e.g. a second model sharing the config name outside any context
+        if state is None:  # a module of another model, or outside any context
             return fn(module, query, key, value, *args, **kwargs)
         hook, layer = state
         return hook.attend(fn, layer, module, query, key, value, *args, **kwargs)
 
-    attention.__name__ = f"{_PREFIX}{original}"
+    attention._safetyheads = True
+    attention.__name__ = f"{_PREFIX}{getattr(fn, '__name__', 'attention')}"
     return attention
 
 
-def _register(original: str) -> str:
-    """Register the wrapper (and the original's mask builder) under `safetyheads_<original>`."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+def _install() -> None:
+    """Wrap the lookups of transformers' AttentionInterface (`get_interface`, `[]`) so every
+    attention function a module fetches is routed through `_dispatch`. The configured name
+    (`sdpa`, `eager`, ...) is untouched: code that branches on it behaves as without us, and the
+    `eager` default each modelling file passes (with its own sinks, soft-caps) is what is wrapped."""
     from transformers.modeling_utils import AttentionInterface
 
-    name = f"{_PREFIX}{original}"
-    if name not in AttentionInterface._global_mapping:
-        if original not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            raise UnsupportedModelError(f"attention implementation {original!r} cannot be wrapped for ablation")
-        AttentionInterface.register(name, _make_wrapper(original))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[original])
-    return name
+    if _PATCH["depth"] == 0:
+        saved = (AttentionInterface.__dict__.get("get_interface"), AttentionInterface.__dict__.get("__getitem__"))
+        base_get = AttentionInterface.get_interface
+        base_item = AttentionInterface.__getitem__
+
+        def get_interface(self, attn_implementation, default):
+            return _dispatch(base_get(self, attn_implementation, default))
+
+        def getitem(self, key):
+            return _dispatch(base_item(self, key))
+
+        AttentionInterface.get_interface = get_interface
+        AttentionInterface.__getitem__ = getitem
+        _PATCH["saved"] = saved
+    _PATCH["depth"] += 1
 
 
-def _configs_of(model: nn.Module, modules: Sequence[nn.Module]) -> list:
-    seen: dict[int, Any] = {}
-    for config in [model.config, *(getattr(m, "config", None) for m in modules)]:
-        if config is not None:
-            seen[id(config)] = config
-            for key in getattr(config, "sub_configs", {}) or {}:
-                sub = getattr(config, key, None)
-                if sub is not None:
-                    seen[id(sub)] = sub
-    return list(seen.values())
+def _uninstall() -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    _PATCH["depth"] -= 1
+    if _PATCH["depth"] == 0:
+        for name, value in zip(("get_interface", "__getitem__"), _PATCH["saved"]):
+            if value is None:
+                if name in AttentionInterface.__dict__:
+                    delattr(AttentionInterface, name)
+            else:
+                setattr(AttentionInterface, name, value)
+        _PATCH["saved"] = None
 
 
 @contextmanager
 def attached(model: nn.Module, hook: Any) -> Iterator[Any]:
-    """Route every attention call of `model` through `hook.attend(fn, layer, module, q, k, v, ...)`
-    for the duration of the block; restore the previous attention implementation afterwards."""
+    """Route every softmax-attention call of `model` through `hook.attend(fn, layer, module, q,
+    k, v, ...)` for the duration of the block (layers without softmax attention run as they are);
+    afterwards the model is exactly as before."""
     check_supported(model)
-    modules = [attention_module(layer) for layer in decoder_layers(model)]
-    configs = _configs_of(model, modules)
-    saved_impl = [(c, getattr(c, "_attn_implementation_internal", None)) for c in configs]
-    saved_state = [getattr(m, _STATE_ATTR, None) for m in modules]
-    current = text_config(model)._attn_implementation or "eager"
-    original = current[len(_PREFIX):] if current.startswith(_PREFIX) else current
-    name = _register(original)
+    modules = attention_layers(model)
+    saved_state = {i: getattr(m, _STATE_ATTR, None) for i, m in modules.items()}
+    _install()
     try:
-        for config in configs:
-            if getattr(config, "_attn_implementation_internal", None) is not None or config is model.config:
-                config._attn_implementation_internal = name
-        for i, module in enumerate(modules):
+        for i, module in modules.items():
             setattr(module, _STATE_ATTR, (hook, i))
         yield hook
     finally:
-        for config, impl in saved_impl:
-            config._attn_implementation_internal = impl
-        for module, state in zip(modules, saved_state):
+        for i, module in modules.items():
+            state = saved_state[i]
             if state is None:
                 if hasattr(module, _STATE_ATTR):
                     delattr(module, _STATE_ATTR)
             else:
                 setattr(module, _STATE_ATTR, state)
+        _uninstall()
+
+
+def _spans(items: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, start = [], None
+    for i, x in enumerate(items):
+        if start is None:
+            start = x
+        if i + 1 == len(items) or items[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)
 
 
 def _real_query_rows(attention_mask: Any, batch: int, q_len: int, device) -> torch.Tensor:
@@ -356,6 +488,13 @@ class HeadAblator:
                 else:
                     parts.append(None)
             self._layers.append(tuple(parts) if active else None)
+        live = set(attention_layers(model))
+        absent = [i for i, parts in enumerate(self._layers)
+                  if parts is not None and i not in live and not any(p is not None and p.requires_grad for p in parts)]
+        if absent:
+            raise UsageError(
+                f"layer {absent[0]} has no softmax attention, so it has no heads to ablate "
+                f"(layers with attention heads: {_spans(sorted(live))})")
 
     @classmethod
     def from_configs(
@@ -401,16 +540,41 @@ class HeadAblator:
         if parts is None:
             return fn(module, query, key, value, *args, **kwargs)
         q_scale, o_scale, mean_mask = parts
-        batch = query.shape[0]  # query: [batch, heads, q_len, head_dim]
+        batch, heads = query.shape[0], query.shape[1]  # query: [batch, heads, q_len, head_dim]
+        q = None
         if q_scale is not None:
-            query = query * self._rows(q_scale, batch, query)[:, :, None, None]
+            q = self._rows(q_scale, batch, query)[:, :heads]  # [batch, heads] (a layer may have fewer heads)
+            query = query * q[:, :, None, None]
         out, weights = fn(module, query, key, value, *args, **kwargs)  # out: [batch, q_len, heads, head_dim]
+        sinks = getattr(module, "sinks", None)
+        if q is not None and isinstance(sinks, torch.Tensor) and not q.requires_grad and bool((q == 0).any()):
+            out, weights = self._uniform_without_sink(fn, module, q == 0, out, weights, query, key, value, args, kwargs)
         if mean_mask is not None:
             mean = self._head_means(layer, out, args[0] if args else kwargs.get("attention_mask"))  # [H, hd]
-            replace = self._rows(mean_mask, batch, out)[:, None, :, None] > 0  # [batch, 1, H, 1]
+            mean = mean[:out.shape[2], :out.shape[3]]
+            replace = self._rows(mean_mask, batch, out)[:, None, :out.shape[2], None] > 0  # [batch, 1, H, 1]
             out = torch.where(replace, mean[None, None].to(out), out)
         if o_scale is not None:
-            out = out * self._rows(o_scale, batch, out)[:, None, :, None]  # o_scale: [batch, 1, H, 1]
+            out = out * self._rows(o_scale, batch, out)[:, None, :out.shape[2], None]  # o_scale: [batch, 1, H, 1]
+        return out, weights
+
+    @staticmethod
+    def _uniform_without_sink(fn, module, zero, out, weights, query, key, value, args, kwargs):
+        """Uniform attention in a module with attention sinks (gpt-oss, DeepSeek V4, ...): a zero
+        query still gives the sink its logit, so the keys would share 1 - sink weight. `uniform`
+        means exactly 1/visible keys, so the heads with a zero query are recomputed with their
+        sink logit at -inf (weight 0) and replace those rows' outputs (docs/design.md)."""
+        sinks = module.sinks
+        saved = sinks.data
+        drop = zero.any(0)  # [heads] that are uniform in some row
+        sinks.data = saved.masked_fill(drop.to(saved.device)[:saved.shape[0]], torch.finfo(saved.dtype).min)
+        try:
+            out2, weights2 = fn(module, query, key, value, *args, **kwargs)
+        finally:
+            sinks.data = saved
+        out = torch.where(zero[:, None, :, None].to(out.device), out2, out)
+        if isinstance(weights, torch.Tensor) and isinstance(weights2, torch.Tensor) and weights.ndim == 4:
+            weights = torch.where(zero[:, :, None, None].to(weights.device), weights2, weights)
         return out, weights
 
     def _head_means(self, layer: int, out: torch.Tensor, attention_mask: Any) -> torch.Tensor:
@@ -451,9 +615,21 @@ class MeanRecorder:
         return out, weights
 
     def means(self) -> torch.Tensor:
-        """[layers, heads, head_dim] float32."""
+        """[layers, heads, head_dim] float32. Layers without softmax attention are NaN (their
+        heads are absent); a layer with fewer heads or a smaller head_dim (Gemma 4's global
+        layers) is zero-padded to the largest."""
         n_layers = len(decoder_layers(self.model))
-        return torch.stack([self._sum[i] / max(self._count[i], 1.0) for i in range(n_layers)])
+        means = {i: self._sum[i] / max(self._count[i], 1.0) for i in self._sum}
+        if not means:
+            raise UnsupportedModelError("no attention call was recorded: the model's attention is not routed "
+                                        "through the attention interface")
+        H = max(m.shape[0] for m in means.values())
+        hd = max(m.shape[1] for m in means.values())
+        out = torch.full((n_layers, H, hd), float("nan"), dtype=torch.float32, device=next(iter(means.values())).device)
+        for i, m in means.items():
+            out[i] = 0.0
+            out[i, :m.shape[0], :m.shape[1]] = m
+        return out
 
 
 @contextmanager

@@ -147,6 +147,11 @@ def shared_prefix_length(model: nn.Module, tokens: Sequence[Sequence[int]]) -> i
     config = ablation.text_config(model)
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return 0
+    if len(ablation.attention_layers(model)) < len(ablation.decoder_layers(model)):
+        return 0  # hybrid layers (Mamba, linear attention) keep states `_PrefixKV` does not stand in for
+    entry = ablation.architecture_matrix().get(getattr(model.config, "model_type", None), {})
+    if entry.get("share_prefix") is False:
+        return 0  # the harness found this model's prefix replay wrong (docs/architectures.md)
     window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
     longest = max(len(t) for t in tokens)
     if window and int(window) < longest:
@@ -156,6 +161,16 @@ def shared_prefix_length(model: nn.Module, tokens: Sequence[Sequence[int]]) -> i
     while n < limit and all(t[n] == first[n] for t in tokens):
         n += 1
     return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _plain_kv_cache(cache: Any) -> bool:
+    """Whether a model's KV cache holds only keys and values per layer (what `_PrefixKV` stands
+    in for): a DynamicCache of full or sliding-window layers."""
+    from transformers.cache_utils import DynamicCache
+
+    if type(cache) is not DynamicCache:
+        return False
+    return all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in cache.layers)
 
 
 def _cache_kwarg(backbone: nn.Module) -> str:
@@ -231,7 +246,10 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
 
     last_normed: list[torch.Tensor] = []
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(norm.register_forward_hook(lambda m, a, out: last_normed.append(out[:, -tail:].detach())))
+    # the final norm's output (a model without one: the last layer's)
+    tap = layers[-1] if isinstance(norm, ablation._NoNorm) else norm
+    handles.append(tap.register_forward_hook(
+        lambda m, a, out: last_normed.append((out[0] if isinstance(out, (tuple, list)) else out)[:, -tail:].detach())))
     groups: list[_Group] = []
     clean_targets = torch.zeros(input_ids.shape[0], tail, dtype=torch.float64) if targets is not None else None
     prefix: _Group | None = None
@@ -250,6 +268,12 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
                 recorder.weight = 1.0
                 prefix_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
                 prefix = recorded([], None)
+                if not _plain_kv_cache(prefix_cache):
+                    # a cache with more than keys/values per layer (conv / SSM / indexer states):
+                    # `_PrefixKV` cannot stand in for it, so this model runs without sharing
+                    S, prefix, prefix_cache = 0, None, None
+                    recorder._sum.clear()
+                    recorder._count.clear()
             for n, prompts in batches:
                 ids = input_ids[prompts][:, -n:].to(device)  # left padding: the real tokens are the last n
                 record.clear()
@@ -493,7 +517,7 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
                 k += 1
             if k:
                 x = group.inputs[layer]  # [n, T, D]
-                x = x.repeat(k, 1, 1) if k > 1 else x
+                x = x.repeat(k, *([1] * (x.ndim - 1))) if k > 1 else x
                 hidden = x if hidden is None else torch.cat([hidden, x], dim=0)
                 joined += k
             rows = hidden.shape[0]
@@ -515,7 +539,8 @@ def _default_batch_size(cache: CleanCache) -> int:
     T = max(g.length for g in cache.groups)  # tokens replayed per row (after a shared prefix)
     K = T + cache.prefix_length  # keys each of them attends to
     D = int(config.hidden_size)
-    inter = int(getattr(config, "intermediate_size", 4 * D) or 4 * D)
+    inter = getattr(config, "intermediate_size", None) or 4 * D
+    inter = int(max(inter) if isinstance(inter, (list, tuple)) else inter)  # per-layer sizes (Gemma 3n)
     V = cache.clean_logprobs.shape[-1]
     itemsize = next(cache.model.parameters()).element_size()
     per_row = itemsize * T * (8 * D + 3 * inter + 2 * cache.n_heads * K) + 4 * 8 * V  # activations + KL in float64
@@ -537,7 +562,8 @@ def _prefix_block_limit(cache: CleanCache) -> int:
     if cache.prefix is None:
         return 1 << 30
     config = ablation.text_config(cache.model)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_heads = int(max(kv_heads) if isinstance(kv_heads, (list, tuple)) else kv_heads)
     head_dim = ablation._head_dim(cache.model)
     itemsize = next(cache.model.parameters()).element_size()
     per_config = 2 * cache.n_layers * cache.prefix_length * kv_heads * head_dim * itemsize  # keys + values
