@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from . import scores
+from . import files, scores
 from .errors import UsageError
 from .pipeline import (CHUNK_ROWS, Inputs, WorkBar, cache_shape, clean_cache, head_list, open_run, pending_chunks,
                        plan_chunks, resolve, select_heads)
@@ -134,12 +134,12 @@ def run_ships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = 
     table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
     table = table[scores.SHIPS_COLUMNS].reset_index(drop=True)
     summary = scores.ships_summary(table)
-    run.write_table("ships", table)
-    run.write_table("ships_summary", summary)
+    run.write_table(files.SHIPS, table)
+    run.write_table(files.SHIPS_SUMMARY, summary)
     finish = {"top_heads": head_list(summary.head(10))}
     if with_gships:
         gtable = scores.rank_by_score(run.read_chunks("gships_"))
-        run.write_table("generalized_ships", gtable)
+        run.write_table(files.GSHIPS, gtable)
         finish["gships_top_heads"] = head_list(gtable.head(10))
     run.finish(finish)
     return ShipsResult(Path(out), table, summary)
@@ -184,7 +184,7 @@ def run_gships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
             bar.heads(len(chunk))
     run.sync(cache)                                                      # [scale-out]
     table = scores.rank_by_score(run.read_chunks("gships_"))
-    run.write_table("generalized_ships", table)
+    run.write_table(files.GSHIPS, table)
     run.finish({"top_heads": head_list(table.head(10))})
     return GShipsResult(Path(out), table)
 
@@ -205,7 +205,7 @@ def parse_candidates(spec: str | int | None) -> int | None:
 
 def _candidates_from_gships(path: str | Path, method: str, k: int, allowed: Sequence[Head]) -> list[Head]:
     folder = Path(path)
-    csv = folder / "generalized_ships.csv" if folder.is_dir() else folder
+    csv = folder / files.csv(files.GSHIPS) if folder.is_dir() else folder
     if not csv.exists():
         raise UsageError(f"no generalized_ships.csv in {path}: run `safetyheads gships` there first")
     table = pd.read_csv(csv)
@@ -299,9 +299,9 @@ def run_sahara(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     candidates_table = pd.concat(tried, ignore_index=True)[["step", "layer", "head", "score"]]
     candidates_table = candidates_table.sort_values(["step", "layer", "head"], kind="stable").reset_index(drop=True)
     group_text = scores.heads_text(group)
-    run.write_table("sahara", steps)
-    run.write_table("sahara_candidates", candidates_table)
-    run.write_json("sahara", {"group": [list(h) for h in group], "heads": group_text, "method": method,
+    run.write_table(files.SAHARA, steps)
+    run.write_table(files.SAHARA_CANDIDATES, candidates_table)
+    run.write_json(files.SAHARA, {"group": [list(h) for h in group], "heads": group_text, "method": method,
                               "epsilon": float(epsilon), "rank": int(rank), "center": bool(center),
                               "scores": steps["score"].tolist()})
     run.finish({"group": group_text})

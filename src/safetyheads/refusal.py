@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import pipeline, scores
+from . import files, pipeline, scores
 from .errors import UsageError
 from .scores import Head
 
@@ -148,9 +148,9 @@ def run_refusal(model: Any = None, data: Any = "jailbreakbench", prompt: Any = "
     mean = per_prompt.groupby(["layer", "head", "method"], as_index=False, sort=True)["score"].mean()
     table = scores.rank_by_score(mean).assign(n_refused=n_refused, n_used=n_used)
     prompts_table = answers[["prompt_id", "refused", "used", "why", "response"]]
-    run.write_table("refusal", table)
-    run.write_table("refusal_per_prompt", per_prompt[scores.SHIPS_COLUMNS].reset_index(drop=True))
-    run.write_table("refusal_prompts", prompts_table)
+    run.write_table(files.REFUSAL, table)
+    run.write_table(files.REFUSAL_PER_PROMPT, per_prompt[scores.SHIPS_COLUMNS].reset_index(drop=True))
+    run.write_table(files.REFUSAL_PROMPTS, prompts_table)
     run.finish({"top_heads": pipeline.head_list(table.head(10)), "n_prompts": len(answers),
                 "n_refused": n_refused, "n_used": n_used})
     return RefusalResult(Path(out), table, prompts_table)

@@ -17,12 +17,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import methods
+from . import files, methods
 from .errors import UsageError
 from .runs import RunDir
 
-SCORES_FILES = ("generalized_ships.csv", "ships_summary.csv", "sahara.csv")
-EVAL_FILES = ("asr.csv", "helpfulness.csv", "generations.jsonl")
+SCORES_FILES = tuple(files.csv(n) for n in (files.GSHIPS, files.SHIPS_SUMMARY, files.SAHARA, files.REFUSAL))
+EVAL_FILES = (files.csv(files.ASR), files.csv(files.HELPFULNESS), files.GENERATIONS)
 
 # Paper order first; other datasets follow alphabetically.
 DATASET_TITLES = {
@@ -175,6 +175,7 @@ class ScoresRun:
     summary: pd.DataFrame | None  # layer, head, mean, median, top10_count (Ships)
     sahara: pd.DataFrame | None  # step, layer, head, score
     screen: pd.DataFrame | None = None  # layer, head, score, rank: gradient estimates (screen.csv)
+    refusal: pd.DataFrame | None = None  # layer, head, score, rank: the refusal score (refusal.csv)
 
     @property
     def screen_target(self) -> str:
@@ -287,11 +288,12 @@ def _with_rank(df: pd.DataFrame) -> pd.DataFrame:
 
 def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
     """Every (method) scores run a folder holds; empty when it holds no scores file."""
-    gships = _read_csv(run / "generalized_ships.csv", ("layer", "head", "score"))
-    summary = _read_csv(run / "ships_summary.csv", ("layer", "head"))
-    sahara = _read_csv(run / "sahara.csv", ("step", "layer", "head", "score"))
-    screen = _read_csv(run / "screen.csv", ("layer", "head", "score"))
-    if gships is None and summary is None and sahara is None and screen is None:
+    gships = _read_csv(run / files.csv(files.GSHIPS), ("layer", "head", "score"))
+    summary = _read_csv(run / files.csv(files.SHIPS_SUMMARY), ("layer", "head"))
+    sahara = _read_csv(run / files.csv(files.SAHARA), ("step", "layer", "head", "score"))
+    screen = _read_csv(run / files.csv(files.SCREEN), ("layer", "head", "score"))
+    refusal = _read_csv(run / files.csv(files.REFUSAL), ("layer", "head", "score"))
+    if gships is None and summary is None and sahara is None and screen is None and refusal is None:
         return []
     model = manifest_field(manifest, "model", keys=_MODEL_KEYS) or "unknown model"
     dataset = normalise_dataset(manifest_field(manifest, "dataset", "data", keys=_DATASET_KEYS))
@@ -300,17 +302,19 @@ def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
     by_gships = _split_by_method(gships, method)
     by_summary = _split_by_method(summary, method)
     by_screen = _split_by_method(screen, method)
-    methods = list(dict.fromkeys([*by_gships, *by_summary, *by_screen])) or [method]
+    by_refusal = _split_by_method(refusal, method)
+    methods = list(dict.fromkeys([*by_gships, *by_summary, *by_screen, *by_refusal])) or [method]
     out = []
     for m in methods:
         g = _with_rank(by_gships[m]) if m in by_gships else None
         s = by_summary.get(m)
         sc = _with_rank(by_screen[m]) if m in by_screen else None
+        rf = _with_rank(by_refusal[m]) if m in by_refusal else None
         # The size the manifest declares, grown to cover every head in the files (a run limited
         # with --layers still shows the whole model; a manifest without sizes is still drawable).
         n_layers = _int_field(manifest, "n_layers", "num_layers", "num_hidden_layers") or 0
         n_heads = _int_field(manifest, "n_heads", "num_heads", "num_attention_heads") or 0
-        for df in (g, s, sahara, sc):
+        for df in (g, s, sahara, sc, rf):
             if df is not None and len(df):
                 n_layers = max(n_layers, int(df["layer"].max()) + 1)
                 n_heads = max(n_heads, int(df["head"].max()) + 1)
@@ -318,7 +322,7 @@ def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
             ScoresRun(
                 path=run, manifest=manifest, model=str(model), dataset=dataset, method=m,
                 n_layers=n_layers, n_heads=n_heads, gships=g, summary=s,
-                sahara=sahara if m == method or len(methods) == 1 else None, screen=sc,
+                sahara=sahara if m == method or len(methods) == 1 else None, screen=sc, refusal=rf,
             )
         )
     return out
@@ -507,8 +511,8 @@ class Ranking:
 
 def head_rankings(scores: Sequence[ScoresRun]) -> list[Ranking]:
     """The exact rankings in the runs, in paper order (dataset, then method): Generalized Ships
-    (by score) and Ships (by top-10 count, then mean KL; its Spearman uses the mean KL, since counts
-    tie). Screen estimates and Sahara groups are not rankings of every head and are left out. Two
+    (by score), Ships (by top-10 count, then mean KL; its Spearman uses the mean KL, since counts
+    tie) and the refusal score (by score). Screen estimates and Sahara groups are not rankings of every head and are left out. Two
     runs with the same dataset and method are told apart by their folder names."""
     out: list[Ranking] = []
     seen: set[str] = set()
@@ -519,6 +523,8 @@ def head_rankings(scores: Sequence[ScoresRun]) -> list[Ranking]:
         ships = run.ships_ranking()
         if ships is not None and "mean" in ships.columns:
             candidates.append(("Ships", ships[["layer", "head", "mean"]].rename(columns={"mean": "score"})))
+        if run.refusal is not None:
+            candidates.append(("refusal score", run.refusal.sort_values("rank", kind="stable")[["layer", "head", "score"]]))
         for kind, table in candidates:
             label = f"{dataset_title(run.dataset)}, {method_title(run.method)}: {kind}"
             if label in seen:

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ablation, lm_head, methods, scores
+from . import ablation, files, lm_head, methods, scores
 from .config import SCREEN_PROBES as DEFAULT_PROBES
 from .config import SUBSPACE_PROBES as DEFAULT_SUBSPACE_PROBES
 from .errors import UsageError
@@ -696,7 +696,7 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     allowed = set(inputs.heads)
     table = table[[(int(a), int(b)) in allowed for a, b in zip(table["layer"], table["head"])]]
     table = table.assign(rank=np.arange(1, len(table) + 1)).reset_index(drop=True)
-    run.write_table("screen", table)
+    run.write_table(files.SCREEN, table)
     finish: dict[str, Any] = {"screen_top_heads": pipeline.head_list(table.head(10)),
                               "n_forward": result.n_forward, "n_backward_per_slice":
                               screener.n_directions + (probes if target == "ships" else 0),
@@ -737,8 +737,8 @@ def _auto_exact_ships(run, inputs, cache, bar, chosen: list[Head], method: str, 
     kl_table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
     kl_table = kl_table[scores.SHIPS_COLUMNS].reset_index(drop=True)
     summary = scores.ships_summary(kl_table)
-    run.write_table("ships", kl_table)
-    run.write_table("ships_summary", summary)
+    run.write_table(files.SHIPS, kl_table)
+    run.write_table(files.SHIPS_SUMMARY, summary)
     exact = scores.rank_by_score(summary.rename(columns={"mean": "score"})[["layer", "head", "method", "score"]])
     return exact, {h: float(result.ships[:, h[0], h[1]].mean()) for h in chosen}
 
@@ -755,7 +755,7 @@ def _auto_exact_gships(run, inputs, cache, bar, chosen: list[Head], method: str,
         bar.heads(len(chunk))
     run.sync(cache)                                                              # [scale-out]
     exact = scores.rank_by_score(run.read_chunks("gships_"))
-    run.write_table("generalized_ships", exact)
+    run.write_table(files.GSHIPS, exact)
     return exact, {h: float(result.gships[h[0], h[1]]) for h in chosen}
 
 

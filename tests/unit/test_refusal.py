@@ -149,3 +149,14 @@ def test_run_refusal_resume_and_errors(chat_loaded, refusing_judge, tmp_path):
         run_refusal(chat_loaded, _prompt_set(), "chat", out=tmp_path / "d", **{**kwargs, "tokens": 0})
     with pytest.raises(UsageError, match="--max-new-tokens"):
         run_refusal(chat_loaded, _prompt_set(), "chat", out=tmp_path / "e", **{**kwargs, "max_new_tokens": 1})
+
+
+def test_refusal_runs_are_rankings_for_summary_and_report(chat_loaded, refusing_judge, tmp_path):
+    from safetyheads.results import head_rankings, load_study
+    run_refusal(chat_loaded, _prompt_set(), "chat", out=tmp_path / "r", judge="test-refuses:2", tokens=2,
+                max_new_tokens=3, quiet=True)
+    study = load_study([tmp_path])
+    (run,) = study.scores
+    assert run.refusal is not None and run.refusal["rank"].tolist() == list(range(1, 13))
+    labels = [r.label for r in head_rankings(study.scores)]
+    assert any("refusal score" in label for label in labels), labels
