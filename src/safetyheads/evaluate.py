@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import files
 from .errors import UsageError
 from .generation import DEFAULT_MAX_ROWS, check_decoding, generate_conditions, resolve_seed
 from .judges import DEFAULT_JUDGE, Judge, KeywordJudge, attack_success_rate, get_judge
@@ -71,7 +72,7 @@ def heads_to_str(heads: Sequence[Head]) -> str:
 
 # The ranking files `--from` reads, in the order a folder is searched: the exact maps before a
 # screen's estimate, Generalized Ships first (what `--from RUN` always meant).
-RANKING_FILES = ("generalized_ships.csv", "refusal.csv", "ships_summary.csv", "sahara.csv", "screen.csv")
+RANKING_FILES = tuple(files.csv(name) for name in files.RANKINGS)
 DEFAULT_REPEATS = 3
 
 
@@ -380,10 +381,8 @@ def last_token_logprobs(model, tokenizer, prompts: Sequence[str], *, fmt: str, s
 
 def distribution_shift(clean: torch.Tensor, ablated: torch.Tensor) -> tuple[float, float]:
     """(mean KL(p_clean || p_ablated), top-1 agreement) from log-probs [P, V]."""
-    c, a = clean.double(), ablated.double()  # [P, V]
-    p = c.exp()
-    # 0 * log(0 / q) = 0: tokens the clean model gives probability 0 contribute nothing (not nan)
-    kl = torch.where(p > 0, p * (c - a), torch.zeros_like(p)).sum(-1).clamp_min(0.0)  # [P]
+    from .scores import kl_from_logprobs
+    kl = kl_from_logprobs(clean, ablated).clamp_min(0.0)  # [P]
     agree = (clean.argmax(-1) == ablated.argmax(-1)).double().mean()
     return float(kl.mean()), float(agree)
 
@@ -693,7 +692,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
             lines += _harmless_lines(gens[gens["dataset"] == HARMLESS], judge_objs)
         run.write_text("generations.jsonl", "\n".join(lines) + "\n")
         outputs = ["generations.jsonl", "asr.csv"]
-        run.write_table("asr", asr, formats=("csv",))
+        run.write_table(files.ASR, asr, formats=("csv",))
         if agreement is not None:
             run.write_table("judge_agreement", agreement, formats=("csv",))
             outputs.append("judge_agreement.csv")
@@ -702,7 +701,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
 
             outputs += [p.name for p in dose_response([run_path], run_path / "dose_response").paths]
         if help_df is not None:
-            run.write_table("helpfulness", help_df, formats=("csv",))
+            run.write_table(files.HELPFULNESS, help_df, formats=("csv",))
             outputs.append("helpfulness.csv")
         if help_df is not None or lm_eval_res is not None:
             run.write_json("helpfulness", {"metrics": help_df.to_dict("records") if help_df is not None else [],

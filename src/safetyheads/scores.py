@@ -47,7 +47,9 @@ def kl_from_logprobs(clean_logprobs: torch.Tensor, ablated_logprobs: torch.Tenso
         return (p * torch.log(p / q)).sum(-1).double()
     lp_c = clean_logprobs.double()                                    # [..., V]
     lp_a = ablated_logprobs.double()
-    return (lp_c.exp() * (lp_c - lp_a)).sum(-1)
+    p = lp_c.exp()
+    # 0 * log(0 / q) = 0: a token the clean model gives probability 0 (a masked logit, -inf) adds nothing
+    return torch.where(p > 0, p * (lp_c - lp_a), torch.zeros((), dtype=p.dtype)).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------
