@@ -7,7 +7,7 @@ SH      = $(VENV)/bin/safetyheads
 # The paper's datasets: use a local copy when there is one (tests/CI), else download on demand.
 export SAFETYHEADS_DATA_DIR ?= $(if $(wildcard ../shared/datasets),$(abspath ../shared/datasets),)
 
-.PHONY: install demo test test-slow fetch bench clean
+.PHONY: install demo test test-slow test-archs fetch bench clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=python3.X)"; exit 1; }
@@ -37,3 +37,8 @@ bench: fetch
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+## the architecture harness over every causal-LM type of the installed transformers: rewrites
+## src/safetyheads/resources/architectures.json (what the guard accepts) and docs/architectures.md
+test-archs: install
+	$(PY) scripts/check_architectures.py

@@ -220,12 +220,34 @@ class _NoNorm(nn.Identity):
     """Stands in for the final norm of a model that has none."""
 
 
+class _HeadThenNorm(nn.Module):
+    """A backbone that collapses its layers' output before the final norm (DeepSeek V4's
+    hyper-connection head: [.., hc, D] -> [.., D]): `norm(head(h))`. `tap` is the module whose
+    output is the final hidden state (the clean pass hooks it)."""
+
+    def __init__(self, head: nn.Module, norm: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_parts", (head, norm))  # not registered: the model owns them
+        self.tap = norm
+
+    def forward(self, hidden):
+        head, norm = self._parts
+        return norm(head(hidden))
+
+
+_PRE_NORM_HEADS = ("hc_head",)
+
+
 def final_norm(model: nn.Module) -> nn.Module:
-    """The backbone's final norm, or an identity module for a model without one."""
+    """What the backbone applies to the last layer's output: its final norm (after a
+    hyper-connection head where it has one), or an identity module for a model without one."""
     backbone = decoder_backbone(model)
     for name in _NORM_NAMES:
         module = getattr(backbone, name, None)
         if isinstance(module, nn.Module):
+            for head in _PRE_NORM_HEADS:
+                if isinstance(getattr(backbone, head, None), nn.Module):
+                    return _HeadThenNorm(getattr(backbone, head), module)
             return module
     return _NoNorm()
 
@@ -282,8 +304,15 @@ def attention_layers(model: nn.Module) -> dict[int, nn.Module]:
         if module is not None:
             out[i] = module
     if not out:
+        own = [type(m).__name__ for layer in decoder_layers(model) for m in layer.children()
+               if "attention" in type(m).__name__.lower() and "linear" not in type(m).__name__.lower()]
+        if own:
+            raise UnsupportedModelError(
+                f"attention not routed through the attention interface: {own[0]} computes it itself "
+                "(often with a position bias such as ALiBi), so the wrapper cannot reach its heads")
         raise UnsupportedModelError(
-            f"no softmax attention routed through the attention interface in {type(model).__name__}'s decoder layers")
+            f"no softmax attention routed through the attention interface in {type(model).__name__}'s decoder "
+            "layers (state-space / recurrent / linear-attention layers only)")
     return out
 
 

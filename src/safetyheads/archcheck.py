@@ -51,7 +51,8 @@ TOL = 1e-4
 
 # exact field names -> value (a callable of gqa where it depends on it)
 _SIZES: dict[str, Any] = {
-    **dict.fromkeys(("vocab_size", "text_vocab_size"), VOCAB),
+    **dict.fromkeys(("vocab_size", "text_vocab_size", "vocab_size_per_layer_input"), VOCAB),
+    "hidden_size_per_layer_input": 16,
     **dict.fromkeys(("hidden_size", "n_embd", "d_model", "embed_dim", "model_dim", "dim", "hidden_dim",
                      "word_embed_proj_dim"), HIDDEN),
     **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "inner_hidden_size",
@@ -88,6 +89,10 @@ _OVERRIDES: dict[str, dict] = {
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
                       mamba_d_conv=4, mamba_chunk_size=16),
     "falcon_mamba": dict(state_size=8), "mamba": dict(state_size=8),
+    "bamba": dict(attn_layer_indices=[1], mamba_d_state=8, mamba_n_heads=4, mamba_d_head=32, mamba_chunk_size=16),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], mamba_d_state=8,
+                             mamba_n_heads=4, mamba_d_head=32, mamba_chunk_size=16),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
 }
 _LAYER_PATTERN_FIELDS = ("layer_types", "layers_block_type", "block_types", "layer_block_types", "hybrid_layer_types")
 
@@ -421,6 +426,12 @@ def check_model(model, eager) -> dict:
     # engine = direct forward
     enc = _encoded()
     clean = torch.log_softmax(_forward(model, enc), -1)
+    for p in range(enc["input_ids"].shape[0]):  # the model's own padded batch = each prompt alone
+        n = int(enc["attention_mask"][p].sum())
+        alone = torch.log_softmax(_logits(model, enc["input_ids"][p:p + 1, -n:])[:, -1], -1)
+        if (alone[0] - clean[p]).abs().max() > TOL:
+            raise CheckFailed("padding", "left padding changes the model's own outputs, so its forward "
+                                         "cannot serve as the engine's self-check")
     configs = [[h] for h in heads] + [heads, []]
     share_ok = None
     for share in (True, False):

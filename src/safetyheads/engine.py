@@ -247,7 +247,7 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
     last_normed: list[torch.Tensor] = []
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     # the final norm's output (a model without one: the last layer's)
-    tap = layers[-1] if isinstance(norm, ablation._NoNorm) else norm
+    tap = layers[-1] if isinstance(norm, ablation._NoNorm) else getattr(norm, "tap", norm)
     handles.append(tap.register_forward_hook(
         lambda m, a, out: last_normed.append((out[0] if isinstance(out, (tuple, list)) else out)[:, -tail:].detach())))
     groups: list[_Group] = []

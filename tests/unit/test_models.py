@@ -188,11 +188,13 @@ def test_local_directory(tmp_path):
     assert lm32.model.config._attn_implementation == "eager"
 
 
-def test_unsupported_architecture_rejected(tmp_path):
+def test_unsupported_architecture_rejected(tmp_path, monkeypatch):
     try:
-        from safetyheads.ablation import check_supported  # noqa: F401
+        from safetyheads import ablation
     except ImportError:
         pytest.skip("ablation engine not present yet")
+    # GPT-2 is supported (docs/architectures.md); take it off the list to see a refusal
+    monkeypatch.setattr(ablation, "SUPPORTED_ARCHITECTURES", tuple(t for t in ablation.SUPPORTED_ARCHITECTURES if t != "gpt2"))
     cfg = GPT2Config(vocab_size=3, n_embd=16, n_layer=1, n_head=2, n_positions=32)
     out = _save_tiny(tmp_path, GPT2LMHeadModel(cfg), "gpt2")
     with pytest.raises(UnsupportedModelError):
