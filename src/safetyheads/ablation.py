@@ -14,8 +14,6 @@ ablations (the sweep engine relies on this).
 
 from __future__ import annotations
 
-import re
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +23,10 @@ import torch
 from torch import nn
 
 from . import methods
+from .heads import Head, _range_hint, parse_heads, parse_layers  # noqa: F401  (the head syntax)
 from .errors import UnsupportedModelError, UsageError
 
 METHODS = methods.names()  # what each one means: methods.py
-Head = tuple[int, int]
 
 # What the architecture harness (archcheck.py, `make test-archs`) verified on the installed
 # transformers: resources/architectures.json, {model_type: {"status", "reason", ...}}.
@@ -108,48 +106,6 @@ def num_layers_heads(model: Any) -> tuple[int, int]:
     if isinstance(model, nn.Module):
         return len(decoder_layers(model)), int(heads)
     return int(config.num_hidden_layers), int(heads)
-
-
-def _range_hint(n_layers: int, n_heads: int) -> str:
-    return f"this model has layers 0-{n_layers - 1} and heads 0-{n_heads - 1}"
-
-
-def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[Head]:
-    """Parse `"2-26,3-8"` into `[(2, 26), (3, 8)]` (zero-based LAYER-HEAD), duplicates dropped."""
-    items = [s.strip() for s in str(spec).split(",") if s.strip()]
-    if not items:
-        raise UsageError(f"no heads given: write heads as LAYER-HEAD, e.g. 2-26,3-8 ({_range_hint(n_layers, n_heads)})")
-    heads: list[Head] = []
-    for item in items:
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", item)
-        if not m:
-            raise UsageError(
-                f"bad head {item!r}: write heads as LAYER-HEAD, e.g. 2-26,3-8 ({_range_hint(n_layers, n_heads)})"
-            )
-        head = (int(m.group(1)), int(m.group(2)))
-        if not (0 <= head[0] < n_layers and 0 <= head[1] < n_heads):
-            raise UsageError(f"head {item} is outside the model: {_range_hint(n_layers, n_heads)}")
-        if head not in heads:
-            heads.append(head)
-    return heads
-
-
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """Parse `"0-5,7"` into `[0, 1, 2, 3, 4, 5, 7]`; `"all"` means every layer."""
-    text = str(spec).strip()
-    if text.lower() == "all":
-        return list(range(n_layers))
-    layers: list[int] = []
-    for item in (s.strip() for s in text.split(",")):
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
-        if not m:
-            raise UsageError(f"bad layer {item!r}: write layers like 0-5,7 (this model has layers 0-{n_layers - 1})")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if lo > hi or hi >= n_layers:
-            raise UsageError(f"layers {item} are outside the model: it has layers 0-{n_layers - 1}")
-        layers.extend(i for i in range(lo, hi + 1) if i not in layers)
-    return layers
 
 
 def check_method(method: str) -> None:
@@ -401,6 +357,22 @@ def attached(model: nn.Module, hook: Any) -> Iterator[Any]:
             else:
                 setattr(module, _STATE_ATTR, state)
         _uninstall()
+
+
+def model_heads(model: nn.Module) -> list[Head]:
+    """Every head that exists, (layer, head) in order: the query heads of each softmax-attention
+    layer (hybrid models have none in their other layers; a layer with fewer heads than the
+    largest, as in Gemma 4, has only its own)."""
+    _, n_heads = num_layers_heads(model)
+    out: list[Head] = []
+    for layer, module in attention_layers(model).items():
+        count = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None)
+        if count is None:
+            q = getattr(module, "q_proj", None)
+            hd = getattr(module, "head_dim", None)
+            count = q.out_features // hd if isinstance(q, nn.Linear) and hd else n_heads
+        out.extend((layer, h) for h in range(min(int(count), n_heads)))
+    return out
 
 
 def _spans(items: Sequence[int]) -> str:

@@ -101,18 +101,30 @@ def prompt_options(prompt: Any) -> tuple[str, str | None]:
     return options.get("format") or options.get("fmt") or "chat", options.get("system_prompt")
 
 
-def select_heads(n_layers: int, n_heads: int, *, layers: str | None = None, heads: str | None = None) -> list[Head]:
-    """Heads to score: `heads` ("2-26,3-8") if given, else every head; restricted to `layers`
-    ("0-5,7") if given. Out-of-range values raise UsageError (in the ablation module's parser)."""
+def select_heads(n_layers: int, n_heads: int, *, layers: str | None = None, heads: str | None = None,
+                 existing: Sequence[Head] | None = None) -> list[Head]:
+    """Heads to score: `heads` ("2-26,3-8") if given, else every head that exists (`existing`, e.g.
+    `ablation.model_heads(model)`: hybrid models have heads in their softmax-attention layers only;
+    default every layer x head); restricted to `layers` ("0-5,7") if given. Out-of-range values raise
+    UsageError (in the ablation module's parser), and so does an explicit head that does not exist."""
     from .ablation import parse_heads, parse_layers
-    chosen = parse_heads(heads, n_layers, n_heads) if heads else \
-        [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+    grid = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+    present = grid if existing is None else [(int(a), int(b)) for a, b in existing]
+    if heads:
+        chosen = parse_heads(heads, n_layers, n_heads)
+        missing = sorted(set(chosen) - set(present))
+        if missing:
+            raise UsageError(f"head {missing[0][0]}-{missing[0][1]} does not exist: layer {missing[0][0]} has no "
+                             f"softmax-attention head {missing[0][1]} (hybrid or per-layer head counts)")
+    else:
+        chosen = present
     if layers:
         allowed = set(parse_layers(layers, n_layers))
         chosen = [hd for hd in chosen if hd[0] in allowed]
     chosen = sorted(set((int(a), int(b)) for a, b in chosen))
     if not chosen:
-        raise UsageError("no heads selected: --heads and --layers have nothing in common")
+        raise UsageError("no heads selected: --heads and --layers have nothing in common"
+                         + ("" if existing is None else " with the model's softmax-attention layers"))
     return chosen
 
 
@@ -127,7 +139,8 @@ def resolve(command: str, model: Any, data: Any, prompt: Any, *, method: str, ep
     prompt_set = load_prompt_set(data)
     loaded = load_model_input(model)
     n_layers, n_heads = num_layers_heads(loaded.model)
-    selected = select_heads(n_layers, n_heads, layers=layers, heads=heads)
+    from .ablation import model_heads
+    selected = select_heads(n_layers, n_heads, layers=layers, heads=heads, existing=model_heads(loaded.model))
     fmt, system_prompt = prompt_options(prompt)
     # --chat-template-kwargs (PromptConfig.chat_template_kwargs); recorded below as the template variables
     # actually used (with the non-thinking default), only when there are any: older runs keep their config

@@ -198,10 +198,11 @@ def _head_products(tap: _Tap, grads: Sequence[torch.Tensor | None], n_layers: in
                    batch: int) -> torch.Tensor:
     """First-order change of the probed scalar per example and head: [B, L, H] float64."""
     s = torch.zeros(batch, n_layers, n_heads, dtype=torch.float64)
-    for layer, g in enumerate(grads):
+    for layer, g in zip(sorted(tap.taps), grads):  # the softmax-attention layers (hybrids have others)
         if g is None:  # the probed scalar does not depend on this layer (cannot happen for decoders)
             continue
-        s[:, layer] = (g.float() * tap.delta[layer].float()).sum((1, 3)).double().cpu()  # [B, H]
+        prod = (g.float() * tap.delta[layer].float()).sum((1, 3)).double().cpu()  # [B, H_layer]
+        s[:, layer, :prod.shape[1]] = prod
     return s
 
 
@@ -480,7 +481,7 @@ class Screener:
         tap = _Tap(self.method, self.epsilon, with_grad=True)
         with _frozen(self.model), torch.enable_grad(), ablation.attached(self.model, tap):
             h = _last_hidden(self.model, enc)  # [b, D], in the graph of every tap
-        taps = [tap.taps[layer] for layer in range(L)]
+        taps = [tap.taps[layer] for layer in sorted(tap.taps)]  # the layers with softmax attention
         out: dict[str, torch.Tensor] = {}
         directions: list[torch.Tensor] = []  # each [b, D]
         if "ships" in self.targets:
@@ -519,7 +520,7 @@ class Screener:
     # -- a slice as a run-folder chunk (float64 columns: a resumed run reads back the same bits) --
     def slice_frame(self, s: slice, part: dict[str, torch.Tensor]) -> pd.DataFrame:
         """One row per (prompt, layer, head) of the slice; columns ships, captured, proj_0.. as measured."""
-        b, L, H = s.stop - s.start, self.n_layers, self.n_heads
+        L, H = self.n_layers, self.n_heads
         prompt, layer, head = np.meshgrid(np.arange(s.start, s.stop), np.arange(L), np.arange(H), indexing="ij")
         cols: dict[str, np.ndarray] = {"prompt": prompt.ravel(), "layer": layer.ravel(), "head": head.ravel()}
         if "ships" in part:
@@ -624,12 +625,12 @@ class ScreenRun:
 
 #: Measured agreement of the screen with exact scores (benchmarks/screen_vs_exact.py), printed
 #: with every screen so nobody mistakes the estimates for scores.
-ACCURACY_NOTE = ("screen scores are gradient estimates, not exact scores. Measured (benchmarks/screen_vs_exact.py, "
-                 "all heads, JailbreakBench chat prompts, 8 probes; SmolLM2-135M-Instruct 20 prompts / "
-                 "Qwen2.5-Coder-0.5B-Instruct 8 prompts): Spearman with exact 0.96-0.99 (ships) and 0.95-0.97 "
-                 "(gships); the exact top 10 lies in the screen's top 40 for 9-10 of 10 heads (gships undifferentiated "
-                 "on SmolLM2: 7) but in its top 10 for only 3-9. Use --mode auto for exact scores of the top K, or "
-                 "--mode exact")
+ACCURACY_NOTE = ("screen scores are gradient estimates, not exact scores. Measured (benchmarks/screen_vs_exact.md, "
+                 "2026-12-02: all heads, JailbreakBench chat prompts, 8 Fisher probes, 4 subspace probes; "
+                 "SmolLM2-135M-Instruct 20 prompts / Qwen2.5-Coder-0.5B-Instruct 8 prompts): Spearman with exact "
+                 "0.96-0.99 (ships) and 0.96-0.98 (gships); the exact top 10 lies in the screen's top 40 for 9-10 "
+                 "of 10 heads (gships undifferentiated on SmolLM2: 8) but in its top 10 for only 2-8. Use --mode "
+                 "auto for exact scores of the top K, or --mode exact")
 
 
 def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
@@ -648,7 +649,7 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     of `batch_size` prompts (`screen_P00000`, ...), the exact stage the same layer chunks as
     `run_ships`/`run_gships`, so a killed run resumes to byte-identical files and torchrun ranks
     share the chunks."""
-    from . import analyses, distributed, pipeline
+    from . import distributed, pipeline
     from .prompts import encode
 
     if mode not in ("screen", "auto"):

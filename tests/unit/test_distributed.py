@@ -135,7 +135,7 @@ def _result_files(run: "os.PathLike") -> dict[str, bytes]:
 
 
 def test_torchrun_two_processes_write_byte_identical_files(tiny_model_dir, tmp_path):
-    """ships (+ gships), sahara and a resumed gships, each run by one process and by two
+    """ships (+ gships), sahara, gships --mode auto and a resumed gships, each run by one process and by two
     (torchrun, gloo): the result files, chunks included, must be byte-identical, and both ranks
     must have done work. One torchrun launch runs all three commands (process start-up dominates)."""
     from safetyheads.cli.main import main
@@ -148,6 +148,8 @@ def test_torchrun_two_processes_write_byte_identical_files(tiny_model_dir, tmp_p
         "ships": ["ships", *common, "--method", "scaling", "--with-gships"],
         "sahara": ["sahara", *common, "--group-size", "2"],
         "gships": ["gships", *common],
+        # the screen (one chunk) and the exact top 5 (one chunk per layer), through the same pipeline
+        "auto": ["gships", *common, "--mode", "auto", "--top-k", "5"],
     }
     for name, argv in commands.items():
         assert main([*argv, "--out", str(tmp_path / "one" / name)]) == 0
