@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from . import files
+from .heads import head_labels
 from .errors import SafetyHeadsError
 
 DEMO_DATASETS = ("jailbreakbench", "maliciousinstruct")
@@ -133,8 +134,7 @@ def run_demo(model: Any = "qwen2.5-coder-0.5b-instruct", *, out: str | Path = "r
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    top_heads = {f"{ds}/{m}": pd.read_csv(run / files.csv(files.GSHIPS)).sort_values("rank").head(5)
-                 .apply(lambda r: f"{int(r['layer'])}-{int(r['head'])}", axis=1).tolist()
+    top_heads = {f"{ds}/{m}": head_labels(pd.read_csv(run / files.csv(files.GSHIPS)).sort_values("rank").head(5))
                  for (ds, m), run in score_runs.items()}
     summary = summary_table(result.asr)
     log("")

@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache
 from . import ablation, lm_head, methods
 from .ablation import Head, HeadAblator, MeanRecorder
 from .errors import UnsupportedModelError, UsageError
+from .scores import kl_from_logprobs
 
 WANTS = ("kl", "hidden", "logprobs", "target_logprobs")
 MAX_GROUP = 64  # prompts per clean-pass mini-batch
@@ -663,8 +664,7 @@ def sweep(
                     if logits is not None:
                         lp = torch.log_softmax(logits.double(), -1).view(len(chunk), n, V)  # [k, n, V] float64
                         if kl is not None:
-                            # KL(p || q) = sum p (log p - log q), from log-probs: no underflow, no 0*log0.
-                            value = (clean_lp.exp() * (clean_lp - lp)).sum(-1).clamp_min(0.0)  # [k, n]
+                            value = kl_from_logprobs(clean_lp, lp).clamp_min(0.0)  # [k, n], from log-probs
                             kl[index[:, None], prompts[None, :]] = value.cpu()
                         if logprobs is not None:
                             logprobs[index[:, None], prompts[None, :]] = lp.float().cpu()

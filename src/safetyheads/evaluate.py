@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import files
+from .heads import heads_text
 from .errors import UsageError
 from .generation import DEFAULT_MAX_ROWS, check_decoding, generate_conditions, resolve_seed
 from .judges import DEFAULT_JUDGE, Judge, KeywordJudge, attack_success_rate, get_judge
@@ -66,8 +67,7 @@ class EvalResult:
 # Choosing heads
 
 
-def heads_to_str(heads: Sequence[Head]) -> str:
-    return ",".join(f"{layer}-{head}" for layer, head in heads)
+heads_to_str = heads_text  # the head syntax: heads.py
 
 
 # The ranking files `--from` reads, in the order a folder is searched: the exact maps before a

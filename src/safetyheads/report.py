@@ -12,13 +12,14 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from . import __version__
 from .errors import UsageError
+from .heads import head_labels
 from .results import (
     EvalRun, ScoresRun, Study, dataset_order, dataset_title, dose_response_table, format_duration, head_rankings,
     is_random_ranking, load_study, manifest_field, method_order, method_title, paper_order, ranking_agreement,
@@ -158,7 +159,7 @@ def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[Sco
         table = pd.DataFrame({"rank": range(1, top + 1)})
         for method, run in runs.items():
             best = run.top(top).reset_index(drop=True)
-            heads = [f"{l}-{h}" for l, h in zip(best["layer"], best["head"])]
+            heads = head_labels(best)
             table[f"{method_title(method)}: head"] = pd.Series(heads, dtype=object)
             table[f"{method_title(method)}: Generalized Ships"] = best["score"]
         parts.append(f"<h3>{_e(dataset_title(dataset))}: Generalized Ships, top {top}</h3>{_table(table)}")
@@ -166,7 +167,7 @@ def _section_rankings(grouped: dict[str, dict[str, ScoresRun]], scores: list[Sco
         if run.summary is None:
             continue
         summ = run.ships_ranking().head(top)
-        shown = pd.DataFrame({"head": [f"{l}-{h}" for l, h in zip(summ["layer"], summ["head"])]})
+        shown = pd.DataFrame({"head": head_labels(summ)})
         for col in ("mean", "median", "top10_count"):
             if col in summ:
                 shown[col] = summ[col].to_numpy()
@@ -205,7 +206,7 @@ def _section_sahara(page: _Page, scores: list[ScoresRun]) -> str:
     parts = []
     for run in runs:
         df = run.sahara.sort_values("step")
-        heads = [f"{l}-{h}" for l, h in zip(df["layer"], df["head"])]
+        heads = head_labels(df)
         label = f"{dataset_title(run.dataset)}, {method_title(run.method)}"
         fig.add_trace(go.Scatter(x=df["step"].tolist(), y=df["score"].tolist(), mode="lines+markers+text",
                                  text=heads, textposition="top center", name=label,
@@ -234,7 +235,7 @@ def _section_screen(page: _Page, scores: list[ScoresRun], grouped: dict[str, dic
         est = run.screen.sort_values("rank", kind="stable")
         best = est.head(top)
         table = pd.DataFrame({"rank": best["rank"].astype(int).to_numpy(),
-                              "head": [f"{l}-{h}" for l, h in zip(best["layer"], best["head"])],
+                              "head": head_labels(best),
                               "estimate": best["score"].to_numpy()})
         agreement = ""
         exact = grouped.get(run.dataset, {}).get(run.method)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from . import files, methods
 from .errors import UsageError
+from .heads import head_label
 from .runs import RunDir
 
 SCORES_FILES = tuple(files.csv(n) for n in (files.GSHIPS, files.SHIPS_SUMMARY, files.SAHARA, files.REFUSAL))
@@ -64,9 +65,9 @@ def format_heads(heads: Any) -> str:
         if isinstance(h, str):
             parts.append(h)
         elif isinstance(h, dict):
-            parts.append(f"{h.get('layer')}-{h.get('head')}")
+            parts.append(head_label((h.get("layer"), h.get("head"))))
         else:
-            parts.append(f"{h[0]}-{h[1]}")
+            parts.append(head_label(h))
     return ",".join(parts)
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from .errors import UsageError
+from .heads import heads_text, table_heads  # noqa: F401  (the head syntax lives in heads.py)
 
 Head = tuple[int, int]
 
@@ -216,16 +217,6 @@ def best_first(df: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     order; optionally grouped by the columns `by` first (e.g. method). Stable."""
     keys = [*by, "score", "layer", "head"]
     return df.sort_values(keys, ascending=[True] * len(by) + [False, True, True], kind="stable")
-
-
-def heads_text(heads: Sequence[Head]) -> str:
-    """Heads in the command line's `LAYER-HEAD` syntax (`ablation.parse_heads` reads it back)."""
-    return ",".join(f"{int(layer)}-{int(head)}" for layer, head in heads)
-
-
-def table_heads(df: pd.DataFrame) -> list[Head]:
-    """The (layer, head) of a score table's rows, in row order."""
-    return [(int(a), int(b)) for a, b in zip(df["layer"], df["head"])]
 
 
 def rank_by_score(df: pd.DataFrame) -> pd.DataFrame:
