@@ -247,7 +247,10 @@ def _adapt_layer_lists(cls, kw: dict, model_type: str) -> dict:
                 kw[name] = [old] * n
             else:
                 kw[name] = [value[i] for i in pick]
-        elif isinstance(value, str) and len(value) == L0 and L0 > 1 and name != "model_type":
+        elif (isinstance(value, str) and len(value) == L0 and L0 > 1
+              and (name in _LAYER_PATTERN_FIELDS or name.endswith("pattern"))):
+            # one character per layer (e.g. "M*M-"); other strings of that length (hidden_act "silu"
+            # of a 4-layer default) are not per-layer and stay whole
             kw[name] = "".join(value[i] for i in pick)
     return kw
 
