@@ -37,6 +37,17 @@ def _top(values: np.ndarray, heads: list, k: int) -> set:
     return {heads[i] for i in order[:k]}
 
 
+def _variant_row(model, method, target, variant, result, heads, exact, truth10, t_var, t_exact, **extra) -> dict:
+    """A screen variant's accuracy against the exact scores (screen time only)."""
+    est = np.array([float(result.head_scores(target)[a, b]) for a, b in heads])
+    return {"model": model, "method": method, "target": f"{target}[{variant}]",
+            "spearman": float(spearmanr(est, exact[target])[0]),
+            "recall10_in_top10": len(truth10 & _top(est, heads, 10)),
+            "recall10_in_top40": len(truth10 & _top(est, heads, 40)),
+            "auto_top10_match": "-", "t_screen_s": t_var, "t_auto_s": float("nan"),
+            "t_exact_s": t_exact, "speedup_screen": t_exact / t_var, "speedup_auto": float("nan"), **extra}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -113,14 +124,8 @@ def main() -> None:
                     var = S.screen(model, enc, method, args.epsilon, targets=("gships",),
                                    batch_size=args.batch_size, progress=False, **kw)
                     t_var = time.perf_counter() - t0
-                    v_est = np.array([float(var.head_scores("gships")[a, b]) for a, b in heads])
-                    vrow = {"model": args.model, "method": method, "target": f"gships[{variant}]",
-                            "spearman": float(spearmanr(v_est, exact["gships"])[0]),
-                            "recall10_in_top10": len(truth10 & _top(v_est, heads, 10)),
-                            "recall10_in_top40": len(truth10 & _top(v_est, heads, 40)),
-                            "auto_top10_match": "-", "t_screen_s": t_var, "t_auto_s": float("nan"),
-                            "t_exact_s": t_exact, "speedup_screen": t_exact / t_var, "speedup_auto": float("nan"),
-                            "n_backward": var.n_backward}
+                    vrow = _variant_row(args.model, method, "gships", variant, var, heads, exact, truth10, t_var,
+                                        t_exact, n_backward=var.n_backward)
                     rows.append(vrow)
                     print(json.dumps(vrow), flush=True)
             if target != "ships":
@@ -131,14 +136,8 @@ def main() -> None:
                 var = S.screen(model, enc, method, args.epsilon, targets=("ships",), probes=eig, random_probes=rnd,
                                batch_size=args.batch_size, progress=False)
                 t_var = time.perf_counter() - t0
-                v_est = np.array([float(var.head_scores("ships")[a, b]) for a, b in heads])
-                vrow = {"model": args.model, "method": method, "target": f"ships[{variant}]",
-                        "spearman": float(spearmanr(v_est, exact["ships"])[0]),
-                        "recall10_in_top10": len(truth10 & _top(v_est, heads, 10)),
-                        "recall10_in_top40": len(truth10 & _top(v_est, heads, 40)),
-                        "auto_top10_match": "-", "t_screen_s": t_var, "t_auto_s": float("nan"),
-                        "t_exact_s": t_exact, "speedup_screen": t_exact / t_var, "speedup_auto": float("nan"),
-                        "fisher_captured_mean": float(var.fisher_captured.mean())}
+                vrow = _variant_row(args.model, method, "ships", variant, var, heads, exact, truth10, t_var, t_exact,
+                                    fisher_captured_mean=float(var.fisher_captured.mean()))
                 rows.append(vrow)
                 print(json.dumps(vrow), flush=True)
     cols = ["method", "target", "spearman", "recall10_in_top10", "recall10_in_top40", "auto_top10_match",

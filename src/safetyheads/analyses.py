@@ -95,6 +95,17 @@ def _ships_chunk(cache, inputs: Inputs, heads: list[Head], method: str, epsilon:
     return scores.ships_table(kl, heads, inputs.prompt_set.ids, method), gtable
 
 
+def write_ships_tables(run) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ships.csv/.parquet (per prompt and head) and ships_summary.csv from the run's ships chunks
+    (`run_ships` and the exact stage of `--mode auto` alike)."""
+    table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
+    table = table[scores.SHIPS_COLUMNS].reset_index(drop=True)
+    summary = scores.ships_summary(table)
+    run.write_table(files.SHIPS, table)
+    run.write_table(files.SHIPS_SUMMARY, summary)
+    return table, summary
+
+
 def run_ships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
               out: str | Path, method: str = "undifferentiated", epsilon: float = 1e-5,
               layers: str | None = None, heads: str | None = None, smoothed: bool = False,
@@ -131,11 +142,7 @@ def run_ships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = 
             run.write_chunk(key, table)
             bar.heads(len(chunk))
     run.sync(cache)                                                      # [scale-out]
-    table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
-    table = table[scores.SHIPS_COLUMNS].reset_index(drop=True)
-    summary = scores.ships_summary(table)
-    run.write_table(files.SHIPS, table)
-    run.write_table(files.SHIPS_SUMMARY, summary)
+    table, summary = write_ships_tables(run)
     finish = {"top_heads": head_list(summary.head(10))}
     if with_gships:
         gtable = scores.rank_by_score(run.read_chunks("gships_"))
@@ -158,6 +165,22 @@ def _gships_scores(cache, configs: list[list[Head]], method: str, epsilon: float
     return scores.generalized_ships_batch(clean, hidden, rank, center=center, clean_basis=clean_basis)
 
 
+def gships_map(run, inputs: Inputs, cache, bar: WorkBar, heads: Sequence[Head], method: str, epsilon: float,
+               rank: int, center: bool, chunk_rows: int) -> pd.DataFrame:
+    """Generalized Ships of `heads`, layer chunk by layer chunk (resumable, sharded), written as
+    generalized_ships.csv and returned ranked (`run_gships` and the exact stage of `--mode auto`)."""
+    clean_basis = scores.clean_subspace(cache.clean_hidden, rank, center=center)
+    for chunk, key in pending_chunks(run, inputs, bar, "gships_L", plan_chunks(heads, len(inputs.texts), chunk_rows)):
+        values = _gships_scores(cache, [[h] for h in chunk], method, epsilon, clean_basis, rank, center,
+                                on_work=bar.advance)
+        run.write_chunk(key, scores.gships_table(chunk, values, method)[["layer", "head", "method", "score"]])
+        bar.heads(len(chunk))
+    run.sync(cache)                                                      # [scale-out]
+    table = scores.rank_by_score(run.read_chunks("gships_"))
+    run.write_table(files.GSHIPS, table)
+    return table
+
+
 def run_gships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
                out: str | Path, method: str = "undifferentiated", epsilon: float = 1e-5,
                layers: str | None = None, heads: str | None = None, rank: int = 1, center: bool = False,
@@ -174,17 +197,8 @@ def run_gships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     scores.check_rank(rank, len(inputs.texts), center=center)
     run = open_run(out, inputs, resume=resume, force=force)
     cache = clean_cache(inputs)
-    clean_basis = scores.clean_subspace(cache.clean_hidden, rank, center=center)
-    chunks = plan_chunks(inputs.heads, len(inputs.texts), chunk_rows)
     with WorkBar(f"gships {method}", quiet, inputs.n_layers, len(inputs.texts)) as bar:
-        for chunk, key in pending_chunks(run, inputs, bar, "gships_L", chunks):
-            values = _gships_scores(cache, [[h] for h in chunk], method, epsilon, clean_basis, rank, center,
-                                    on_work=bar.advance)
-            run.write_chunk(key, scores.gships_table(chunk, values, method)[["layer", "head", "method", "score"]])
-            bar.heads(len(chunk))
-    run.sync(cache)                                                      # [scale-out]
-    table = scores.rank_by_score(run.read_chunks("gships_"))
-    run.write_table(files.GSHIPS, table)
+        table = gships_map(run, inputs, cache, bar, inputs.heads, method, epsilon, rank, center, chunk_rows)
     run.finish({"top_heads": head_list(table.head(10))})
     return GShipsResult(Path(out), table)
 

@@ -735,28 +735,15 @@ def _auto_exact_ships(run, inputs, cache, bar, chosen: list[Head], method: str, 
         run.write_chunk(key, table)
         bar.heads(len(chunk))
     run.sync(cache)                                                              # [scale-out]
-    kl_table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
-    kl_table = kl_table[scores.SHIPS_COLUMNS].reset_index(drop=True)
-    summary = scores.ships_summary(kl_table)
-    run.write_table(files.SHIPS, kl_table)
-    run.write_table(files.SHIPS_SUMMARY, summary)
+    _, summary = analyses.write_ships_tables(run)
     exact = scores.rank_by_score(summary.rename(columns={"mean": "score"})[["layer", "head", "method", "score"]])
     return exact, {h: float(result.ships[:, h[0], h[1]].mean()) for h in chosen}
 
 
 def _auto_exact_gships(run, inputs, cache, bar, chosen: list[Head], method: str, epsilon: float, chunk_rows: int,
                        rank: int, center: bool, result: ScreenResult) -> tuple[pd.DataFrame, dict[Head, float]]:
-    from . import analyses, pipeline
-    basis = scores.clean_subspace(cache.clean_hidden, rank, center=center)
-    for chunk, key in pipeline.pending_chunks(run, inputs, bar, "gships_L", pipeline.plan_chunks(chosen, len(inputs.texts),
-                                                                                                  chunk_rows)):
-        values = analyses._gships_scores(cache, [[h] for h in chunk], method, epsilon, basis, rank, center,
-                                         on_work=bar.advance)
-        run.write_chunk(key, scores.gships_table(chunk, values, method)[["layer", "head", "method", "score"]])
-        bar.heads(len(chunk))
-    run.sync(cache)                                                              # [scale-out]
-    exact = scores.rank_by_score(run.read_chunks("gships_"))
-    run.write_table(files.GSHIPS, exact)
+    from . import analyses
+    exact = analyses.gships_map(run, inputs, cache, bar, chosen, method, epsilon, rank, center, chunk_rows)
     return exact, {h: float(result.gships[h[0], h[1]]) for h in chosen}
 
 

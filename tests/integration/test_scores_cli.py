@@ -24,17 +24,11 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "safetyheads", *args]
 
 
-def test_kill9_then_resume_gives_identical_files(tmp_path):
-    # the last 5 layers, one chunk each: cheap to replay, still long enough to kill the run in the middle
-    args = ["ships", *BASE, "--limit", "3", "--layers", "25-29", "--chunk-rows", "1", "--quiet"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(_cli(*args, "--out", str(full)), capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr
-
-    proc = subprocess.Popen(_cli(*args, "--out", str(part)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+def _kill_after_first_chunk(args: list[str], out: Path, env: dict) -> Path:
+    """Start the command into `out`, SIGKILL it as soon as its first chunk is on disk; -> chunks folder."""
+    proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=env)
-    chunks = part / "chunks"
+    chunks = out / "chunks"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if chunks.is_dir() and any(p.suffix == ".parquet" for p in chunks.iterdir()):
@@ -43,6 +37,18 @@ def test_kill9_then_resume_gives_identical_files(tmp_path):
     assert proc.poll() is None, "the run ended before a chunk was written: " + proc.stderr.read().decode()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return chunks
+
+
+def test_kill9_then_resume_gives_identical_files(tmp_path):
+    # the last 5 layers, one chunk each: cheap to replay, still long enough to kill the run in the middle
+    args = ["ships", *BASE, "--limit", "3", "--layers", "25-29", "--chunk-rows", "1", "--quiet"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(_cli(*args, "--out", str(full)), capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    chunks = _kill_after_first_chunk(args, part, env)
     n_chunks = len(list(chunks.glob("*.parquet")))
     assert 1 <= n_chunks < 5 and not (part / "ships.csv").exists()
 
@@ -133,17 +139,7 @@ def test_screen_and_auto_kill9_then_resume_give_identical_files(tmp_path, args, 
     n_total = len(list((full / "chunks").glob("*.parquet")))
     assert n_total >= 2
 
-    proc = subprocess.Popen(_cli(*args, "--out", str(part)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env)
-    chunks = part / "chunks"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if chunks.is_dir() and any(p.suffix == ".parquet" for p in chunks.iterdir()):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before a chunk was written: " + proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    chunks = _kill_after_first_chunk(args, part, env)
     assert 1 <= len(list(chunks.glob("*.parquet"))) < n_total and not (part / files[0]).exists()
 
     resumed = subprocess.run(_cli(*args, "--out", str(part), "--resume"), capture_output=True, text=True,
