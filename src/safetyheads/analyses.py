@@ -95,9 +95,21 @@ def _ships_chunk(cache, inputs: Inputs, heads: list[Head], method: str, epsilon:
     return scores.ships_table(kl, heads, inputs.prompt_set.ids, method), gtable
 
 
-def write_ships_tables(run) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """ships.csv/.parquet (per prompt and head) and ships_summary.csv from the run's ships chunks
-    (`run_ships` and the exact stage of `--mode auto` alike)."""
+def ships_map(run, inputs: Inputs, cache, bar: WorkBar, heads: Sequence[Head], method: str, epsilon: float,
+              smoothed: bool, chunk_rows: int, gships: tuple[np.ndarray, int, bool] | None = None
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Ships of `heads`, layer chunk by layer chunk (resumable, sharded), written as ships.csv/.parquet
+    (per prompt and head) and ships_summary.csv and returned (`run_ships` and the exact stage of
+    `--mode auto`). With `gships` = (clean basis, rank, center) each chunk's Generalized Ships is
+    saved beside it (chunks gships_L...), from the same sweep."""
+    for chunk, key in pending_chunks(run, inputs, bar, "ships_L", plan_chunks(heads, len(inputs.texts), chunk_rows)):
+        table, gtable = _ships_chunk(cache, inputs, chunk, method, epsilon, smoothed, gships, on_work=bar.advance)
+        if gtable is not None:
+            # the gships chunk first: a ships chunk on disk means both are there
+            run.write_chunk("gships_" + key.removeprefix("ships_"), gtable)
+        run.write_chunk(key, table)
+        bar.heads(len(chunk))
+    run.sync(cache)                                                      # [scale-out]
     table = run.read_chunks("ships_").sort_values(["prompt_id", "layer", "head"], kind="stable")
     table = table[scores.SHIPS_COLUMNS].reset_index(drop=True)
     summary = scores.ships_summary(table)
@@ -131,18 +143,9 @@ def run_ships(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = 
     run = open_run(out, inputs, resume=resume, force=force)
     cache = clean_cache(inputs)
     gships = (scores.clean_subspace(cache.clean_hidden, rank, center=center), rank, center) if with_gships else None
-    chunks = plan_chunks(inputs.heads, len(inputs.texts), chunk_rows)
     with WorkBar(f"ships {method}", quiet, inputs.n_layers, len(inputs.texts)) as bar:
-        for chunk, key in pending_chunks(run, inputs, bar, "ships_L", chunks):
-            table, gtable = _ships_chunk(cache, inputs, chunk, method, epsilon, smoothed, gships,
-                                         on_work=bar.advance)
-            if gtable is not None:
-                # the gships chunk first: a ships chunk on disk means both are there
-                run.write_chunk("gships_" + key.removeprefix("ships_"), gtable)
-            run.write_chunk(key, table)
-            bar.heads(len(chunk))
-    run.sync(cache)                                                      # [scale-out]
-    table, summary = write_ships_tables(run)
+        table, summary = ships_map(run, inputs, cache, bar, inputs.heads, method, epsilon, smoothed, chunk_rows,
+                                   gships)
     finish = {"top_heads": head_list(summary.head(10))}
     if with_gships:
         gtable = scores.rank_by_score(run.read_chunks("gships_"))

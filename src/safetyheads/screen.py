@@ -58,8 +58,6 @@ from .config import SUBSPACE_PROBES as DEFAULT_SUBSPACE_PROBES
 from .errors import UsageError
 
 Head = tuple[int, int]
-#: Ablation methods the screen can linearise (methods.Method.screen; `mean` needs dataset-wide means).
-SCREEN_METHODS = methods.names(screen=True)
 #: Scores the screen can estimate.
 TARGETS = ("ships", "gships")
 #: How many of the most probable tokens span the Fisher matrix per prompt (the rest of the
@@ -379,10 +377,16 @@ def subspace_rotation(probes: SubspaceProbes, proj: torch.Tensor) -> torch.Tenso
 # The screen
 # ----------------------------------------------------------------------------------------------
 
-def check_screen_args(method: str, epsilon: float, targets: Sequence[str], probes: int, rank: int,
-                      n_prompts: int, subspace_probes: int = 0) -> None:
+def check_screen_method(method: str) -> None:
+    """UsageError unless the screen can linearise `method` (methods.Method.screen; `mean` needs
+    dataset-wide means)."""
     if method not in methods.names(screen=True):
         raise UsageError(f"screen supports --method {', '.join(methods.names(screen=True))}, not {method!r}")
+
+
+def check_screen_args(method: str, epsilon: float, targets: Sequence[str], probes: int, rank: int,
+                      n_prompts: int, subspace_probes: int = 0) -> None:
+    check_screen_method(method)
     methods.checked(method, epsilon)
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
@@ -595,7 +599,8 @@ def auto_scores(model: nn.Module, encoded, method: str = "undifferentiated", eps
     t0 = time.perf_counter()
     cache = engine.prepare(model, encoded)  # the exact sweep needs it; the screen reuses its hidden states
     result = screen(model, encoded, method, epsilon, targets=(target,), probes=probes,
-                    subspace_probes=subspace_probes, rank=rank, center=center, clean_hidden=cache.clean_hidden, batch_size=batch_size, progress=progress)
+                    subspace_probes=subspace_probes, rank=rank, center=center, clean_hidden=cache.clean_hidden,
+                    batch_size=batch_size, progress=progress)
     ranking = top_heads(result.head_scores(target), result.n_layers * result.n_heads)
     if allowed is not None:
         allowed_set = set(allowed)
@@ -656,8 +661,7 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
         raise UsageError(f"--mode must be screen or auto, got {mode!r}")
     if target not in TARGETS:
         raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if method not in methods.names(screen=True):
-        raise UsageError(f"screen supports --method {', '.join(methods.names(screen=True))}, not {method!r}")
+    check_screen_method(method)  # before loading the model
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     chunk_rows = pipeline.CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
@@ -707,7 +711,7 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     exact = None
     note = ACCURACY_NOTE
     if mode == "auto":
-        chosen = [(int(a), int(b)) for a, b in zip(table["layer"], table["head"])][:top_k]
+        chosen = scores.table_heads(table.head(top_k))
         # the exact stage: the same chunks, keys and files as `ships` / `gships` over these heads
         with pipeline.WorkBar(f"exact top {len(chosen)}", quiet, inputs.n_layers, n_prompts) as bar:
             if target == "ships":
@@ -728,14 +732,8 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
 
 def _auto_exact_ships(run, inputs, cache, bar, chosen: list[Head], method: str, epsilon: float, chunk_rows: int,
                       result: ScreenResult) -> tuple[pd.DataFrame, dict[Head, float]]:
-    from . import analyses, pipeline
-    for chunk, key in pipeline.pending_chunks(run, inputs, bar, "ships_L", pipeline.plan_chunks(chosen, len(inputs.texts),
-                                                                                                 chunk_rows)):
-        table, _ = analyses._ships_chunk(cache, inputs, chunk, method, epsilon, False, on_work=bar.advance)
-        run.write_chunk(key, table)
-        bar.heads(len(chunk))
-    run.sync(cache)                                                              # [scale-out]
-    _, summary = analyses.write_ships_tables(run)
+    from . import analyses
+    _, summary = analyses.ships_map(run, inputs, cache, bar, chosen, method, epsilon, False, chunk_rows)
     exact = scores.rank_by_score(summary.rename(columns={"mean": "score"})[["layer", "head", "method", "score"]])
     return exact, {h: float(result.ships[:, h[0], h[1]].mean()) for h in chosen}
 
