@@ -29,14 +29,13 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import CHUNK_ROWS
 from .errors import UsageError
-from .scores import Head
-
+from .heads import Head
 
 
 @dataclass
 class Inputs:
     """Everything an analysis needs, resolved once."""
-    command: str               # ships | gships | sahara
+    command: str               # ships | gships | sahara | refusal | screen
     loaded: Any                # models.LoadedModel
     prompt_set: Any            # data.PromptSet
     texts: list[str]           # the exact model inputs (after formatting)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import UsageError
 
@@ -142,6 +142,20 @@ def position_ids_from_mask(attention_mask):
     """0 at the first real token of each row; pads get 1 (same as transformers' generate: cumsum - 1, masked fill)."""
     pos = attention_mask.long().cumsum(-1) - 1  # [B, T]
     return pos.masked_fill(attention_mask == 0, 1)
+
+
+def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> Encoded:
+    """Token-id lists (already tokenised) as one left-padded batch, the layout `encode` returns."""
+    import torch  # here: prompts.py is read by the CLI's --help, which needs no torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    enc = Encoded(ids, mask, position_ids_from_mask(mask))
+    return enc.to(device) if device is not None else enc
 
 
 def encode(tokenizer, texts: list[str], device=None) -> Encoded:

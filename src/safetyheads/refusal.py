@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from . import files, pipeline, scores
 from .errors import UsageError
-from .scores import Head
 
 from .config import REFUSAL_JUDGE_TOKENS as DEFAULT_JUDGE_TOKENS  # the judge needs more than the k scored tokens
 from .config import REFUSAL_TOKENS as DEFAULT_TOKENS
@@ -44,13 +42,10 @@ class RefusalResult:
     prompts: pd.DataFrame    # prompt_id, refused, used, why, response
 
 
-def _clean_answers(inputs: pipeline.Inputs, judge_spec: str, max_new_tokens: int, tokens: int,
-                   quiet: bool) -> pd.DataFrame:
-    """Greedy clean answers to every prompt, the judge's verdict and whether the prompt is used."""
+def _clean_answers(inputs: pipeline.Inputs, judge, max_new_tokens: int, tokens: int, quiet: bool) -> pd.DataFrame:
+    """Greedy clean answers to every prompt, `judge`'s verdict and whether the prompt is used."""
     from .generation import generate_texts
-    from .judges import get_judge
 
-    judge = get_judge(judge_spec)
     lm, tok = inputs.loaded.model, inputs.loaded.tokenizer
     gen = generate_texts(lm, tok, inputs.texts, max_new_tokens=max_new_tokens, greedy=True, progress=not quiet,
                          desc="clean answers")
@@ -68,7 +63,7 @@ def _clean_answers(inputs: pipeline.Inputs, judge_spec: str, max_new_tokens: int
 
 def _teacher_forced(inputs: pipeline.Inputs, answers: pd.DataFrame, tokens: int):
     """Encoded prompts + first k-1 answer tokens (left padded) and the k target tokens [P_used, k]."""
-    from .prompts import Encoded, encode, position_ids_from_mask
+    from .prompts import encode, pad_token_ids
 
     used = answers.index[answers["used"]].tolist()
     enc = encode(inputs.loaded.tokenizer, [inputs.texts[i] for i in used])
@@ -78,21 +73,9 @@ def _teacher_forced(inputs: pipeline.Inputs, answers: pd.DataFrame, tokens: int)
         answer = [int(t) for t in answers.loc[i, "token_ids"].split()][:tokens]
         seqs.append(prompt + answer[:-1])
         targets.append(answer)
-    width = max(len(s) for s in seqs)
-    pad = inputs.loaded.tokenizer.pad_token_id or 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s)
-        mask[r, width - len(s):] = 1
-    device = getattr(inputs.loaded.model, "device", None)
-    encoded = Encoded(ids, mask, position_ids_from_mask(mask))
-    return (encoded.to(device) if device is not None else encoded), torch.tensor(targets, dtype=torch.long)
-
-
-def _chunk_table(chunk: list[Head], drop: np.ndarray, prompt_ids: list[int], method: str) -> pd.DataFrame:
-    """Per (prompt, head) log-prob drops of one chunk: prompt_id, layer, head, method, score."""
-    return scores.ships_table(drop, chunk, prompt_ids, method)
+    encoded = pad_token_ids(seqs, inputs.loaded.tokenizer.pad_token_id or 0,
+                            device=getattr(inputs.loaded.model, "device", None))
+    return encoded, torch.tensor(targets, dtype=torch.long)
 
 
 def run_refusal(model: Any = None, data: Any = "jailbreakbench", prompt: Any = "chat", *,
@@ -118,12 +101,12 @@ def run_refusal(model: Any = None, data: Any = "jailbreakbench", prompt: Any = "
                                                   "max_new_tokens": int(max_new_tokens), "chunking": "layers",
                                                   "chunk_rows": int(chunk_rows)})
     from .judges import get_judge
-    get_judge(judge)  # a bad judge spec fails before the run folder is made
+    judge_obj = get_judge(judge)  # a bad judge spec fails before the run folder is made
     run = pipeline.open_run(out, inputs, resume=resume, force=force)
     # [scale-out] rank 0 (the only one in one process) answers and judges once, saved as a chunk so
     # that a resumed run scores the same prompts; every rank then reads the same answers
     if run.path is not None and CLEAN_CHUNK not in run.chunk_keys(CLEAN_CHUNK):
-        run.write_chunk(CLEAN_CHUNK, _clean_answers(inputs, judge, max_new_tokens, tokens, quiet))
+        run.write_chunk(CLEAN_CHUNK, _clean_answers(inputs, judge_obj, max_new_tokens, tokens, quiet))
     run.sync()
     answers = run.read_chunks(CLEAN_CHUNK)
     answers = answers.reset_index(drop=True)
@@ -141,7 +124,7 @@ def run_refusal(model: Any = None, data: Any = "jailbreakbench", prompt: Any = "
             res = sweep(cache, [[h] for h in chunk], method, epsilon, want=("target_logprobs",), progress=False,
                         on_work=bar.advance)
             drop = (clean[None, :] - res.target_logprobs.sum(-1)).numpy()  # [C, P_used]
-            run.write_chunk(key, _chunk_table(chunk, drop, used_ids, method))
+            run.write_chunk(key, scores.ships_table(drop, chunk, used_ids, method))  # per (prompt, head)
             bar.heads(len(chunk))
     run.sync(cache)                                                        # [scale-out]
     per_prompt = run.read_chunks("refusal_L").sort_values(["prompt_id", "layer", "head"], kind="stable")
