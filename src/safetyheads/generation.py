@@ -152,22 +152,34 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, max_new_tokens: in
                 continue
             new = out.sequences[:, enc.input_ids.shape[1]:].tolist()  # [batch, new_tokens]
             for i, ids in zip(idx, new):
-                cut = next((k for k, t in enumerate(ids) if t in stop_set), None)
-                results[i] = (ids if cut is None else ids[:cut], cut is not None)
+                results[i] = _cut_at_stop(ids, stop_set)
             bar.update(len(idx))
             start += len(idx)
     bar.close()
 
-    token_ids = [results[i][0] for i in range(len(texts))]
-    return Generations(
-        responses=[tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids],
-        token_ids=token_ids,
-        finished=[results[i][1] for i in range(len(texts))],
-        seed=seed,
-        settings={"max_new_tokens": max_new_tokens, "greedy": greedy, "top_k": top_k,
-                  "temperature": None if greedy else temperature, "seed": seed, "stop_token_ids": stop_ids,
-                  "use_cache": True},
-    )
+    return _generations(tokenizer, [results[i] for i in range(len(texts))], seed,
+                        _settings(max_new_tokens, greedy, top_k, temperature, seed, stop_ids))
+
+
+def _cut_at_stop(ids: list[int], stop_set: set[int]) -> tuple[list[int], bool]:
+    """The new tokens up to the first stop token, and whether the model stopped by itself."""
+    cut = next((k for k, t in enumerate(ids) if t in stop_set), None)
+    return (ids if cut is None else ids[:cut]), cut is not None
+
+
+def _settings(max_new_tokens: int, greedy: bool, top_k: int | None, temperature: float, seed: int | None,
+              stop_ids: list[int]) -> dict:
+    """The decoding settings a run manifest records."""
+    return {"max_new_tokens": max_new_tokens, "greedy": greedy, "top_k": top_k,
+            "temperature": None if greedy else temperature, "seed": seed, "stop_token_ids": stop_ids,
+            "use_cache": True}
+
+
+def _generations(tokenizer, per_prompt: list[tuple[list[int], bool]], seed: int | None, settings: dict) -> Generations:
+    """`Generations` from (token ids, finished) per prompt, in prompt order."""
+    token_ids = [ids for ids, _ in per_prompt]
+    return Generations(responses=[tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids],
+                       token_ids=token_ids, finished=[f for _, f in per_prompt], seed=seed, settings=settings)
 
 
 def generate_responses(model, tokenizer, prompts: Sequence[str], *, heads: Sequence[tuple[int, int]] = (),
@@ -388,22 +400,14 @@ def generate_conditions(model, tokenizer, prompts: Sequence[str], conditions: Se
             new = out.sequences[:, width:].tolist()  # [n*P, new_tokens]
             for r, ids in enumerate(new):
                 c, j = divmod(r, P)
-                cut = next((k for k, t in enumerate(ids) if t in stop_set), None)
-                results[start + c][order[j]] = (ids if cut is None else ids[:cut], cut is not None)
+                results[start + c][order[j]] = _cut_at_stop(ids, stop_set)
             bar.update(n * P)
             start += n
     bar.close()
 
-    settings = {"max_new_tokens": max_new_tokens, "greedy": greedy, "top_k": top_k,
-                "temperature": None if greedy else temperature, "seed": seed, "stop_token_ids": stop_ids,
-                "use_cache": True, "format": fmt, "system_prompt": system_prompt}
+    settings = {**_settings(max_new_tokens, greedy, top_k, temperature, seed, stop_ids),
+                "format": fmt, "system_prompt": system_prompt}
     variables = template_kwargs(tokenizer, chat_template_kwargs, note=False) if fmt == "chat" else {}
     if variables:
         settings["chat_template_kwargs"] = variables
-    gens = []
-    for per_prompt in results:
-        token_ids = [ids for ids, _ in per_prompt]
-        gens.append(Generations(responses=[tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids],
-                                token_ids=token_ids, finished=[f for _, f in per_prompt], seed=seed,
-                                settings=dict(settings)))
-    return gens
+    return [_generations(tokenizer, per_prompt, seed, dict(settings)) for per_prompt in results]
