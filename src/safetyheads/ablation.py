@@ -15,6 +15,7 @@ ablations (the sweep engine relies on this).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -33,8 +34,10 @@ METHODS = methods.names()  # what each one means: methods.py
 _ARCHITECTURES_FILE = Path(__file__).with_name("resources") / "architectures.json"
 
 
+@lru_cache(maxsize=1)
 def architecture_matrix() -> dict[str, dict]:
-    """The harness's last results ({} when the file is missing)."""
+    """The harness's last results ({} when the file is missing); read once per process (the guard
+    and every `prepare` consult it). Read-only: callers must not modify it."""
     import json
 
     try:
