@@ -13,6 +13,7 @@ from safetyheads.ablation import ablated, attention_module, decoder_layers, num_
 from safetyheads.data import load_prompts
 from safetyheads.engine import prepare, sweep
 from safetyheads.prompts import encode
+from attention_weights import restored_attention
 from tiny_models import one_thread  # noqa: F401  (module-scoped: 1 thread, immune to a busy machine)
 
 TOL = 1e-4
@@ -111,14 +112,8 @@ def test_surgery_equals_hook_on_smollm2(smollm2, method):
     heads = [(2, 6), (11, 0)]
     with ablated(model, heads, method, 1e-4):
         expected = _forward(model, enc).logits
-    layers = decoder_layers(model)
-    saved = {(l, n): p.detach().clone() for l, _ in heads
-             for n, p in attention_module(layers[l]).named_parameters()}
-    try:
+    with restored_attention(model, heads):  # the fixture is shared
         surgery(model, heads, method, 1e-4)
         got = _forward(model, enc).logits
-    finally:  # the fixture is shared: put the weights back
-        for (l, n), value in saved.items():
-            attention_module(layers[l]).get_parameter(n).copy_(value)
     real = enc.attention_mask.bool()
     assert (got - expected)[real].abs().max() <= TOL

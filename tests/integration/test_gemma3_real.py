@@ -18,6 +18,7 @@ from safetyheads.engine import check_against_forward, prepare, sweep
 from safetyheads.errors import UnsupportedModelError
 from safetyheads.models import BUILTIN_MODELS, load_model
 from safetyheads.prompts import encode, format_prompts
+from attention_weights import restored_attention
 from tiny_models import one_thread  # noqa: F401  (module-scoped: 1 thread, immune to a busy machine)
 
 NAME = "gemma3-270m"
@@ -193,8 +194,7 @@ def test_surgery_scaling_equals_hook_and_query_surgery_is_refused(gemma3):
         expected = _forward(model, enc).logits
     clean = _forward(model, enc).logits
     layers = decoder_layers(model)
-    saved = {(l, n): p.detach().clone() for l, _ in heads for n, p in attention_module(layers[l]).named_parameters()}
-    try:
+    with restored_attention(model, heads) as saved:  # the fixture is shared
         for method in ("undifferentiated", "uniform"):
             with pytest.raises(UnsupportedModelError) as info:
                 surgery(model, heads, method, 1e-4)
@@ -204,9 +204,6 @@ def test_surgery_scaling_equals_hook_and_query_surgery_is_refused(gemma3):
             assert torch.equal(attention_module(layers[l]).get_parameter(n), value), (l, n)
         surgery(model, heads, "scaling", 1e-4)
         got = _forward(model, enc).logits
-    finally:  # the fixture is shared: put the weights back
-        for (l, n), value in saved.items():
-            attention_module(layers[l]).get_parameter(n).copy_(value)
     real = enc.attention_mask.bool()
     assert (got - expected)[real].abs().max() <= TOL
     assert (got - clean)[real].abs().max() > 1e-2  # the edit did something
