@@ -378,9 +378,9 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 def _test_heads(model) -> list[tuple[int, int]]:
-    from . import ablation
+    from . import ablation, layout
 
-    layers = sorted(ablation.attention_layers(model))
+    layers = sorted(layout.attention_layers(model))
     _, H = ablation.num_layers_heads(model)
     picks = [(layers[0], min(1, H - 1))]
     if len(layers) > 1:
@@ -392,7 +392,7 @@ def _test_heads(model) -> list[tuple[int, int]]:
 def check_model(model, eager) -> dict:
     """Every check on one variant; `eager` is the same weights under eager attention (or None
     when sdpa is what was built and no eager copy exists). Raises CheckFailed."""
-    from . import ablation, engine
+    from . import ablation, engine, layout
     from .ablation import HeadAblator, ablated
 
     done: list[str] = []
@@ -486,7 +486,7 @@ def check_model(model, eager) -> dict:
                 raise CheckFailed("surgery", f"{method}: the edited weights differ from the hook ablation")
         done.append("surgery")
     return {"checks": done, "share_prefix": share_ok, "heads": [list(h) for h in heads],
-            "attention_layers": sorted(ablation.attention_layers(model)),
+            "attention_layers": sorted(layout.attention_layers(model)),
             "n_layers": ablation.num_layers_heads(model)[0]}
 
 
@@ -495,10 +495,10 @@ def _check_uniform_weights(eager, heads, ids) -> None:
     """Oracle: the eager model's own attention weights. Visible keys = where the stock model's
     weights (any head of the layer) are nonzero; the ablated head must put exactly 1/|visible|
     on each, and another head of the layer must not be uniform."""
-    from . import ablation
+    from . import layout
     from .ablation import ablated
 
-    modules = ablation.attention_layers(eager)
+    modules = layout.attention_layers(eager)
     captured: dict[int, Any] = {}
 
     def run(ablate):
@@ -549,7 +549,7 @@ def _classify(exc: BaseException) -> str:
 
 def check_type(model_type: str) -> dict:
     """All variants of one model type -> {"status", "reason", "variants", ...}."""
-    from . import ablation
+    from . import ablation, layout
 
     t0 = time.time()
     entry: dict[str, Any] = {"status": "accepted", "reason": "", "variants": {}}
@@ -563,7 +563,7 @@ def check_type(model_type: str) -> dict:
                 entry.update(status="unverified", reason=f"the harness cannot build a tiny model: {_classify(exc)}")
                 break
             try:
-                ablation.attention_layers(model)
+                layout.attention_layers(model)
             except Exception as exc:
                 entry.update(status="refused", reason=_classify(exc))
                 break

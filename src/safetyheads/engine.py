@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from . import ablation, lm_head, methods
+from . import ablation, layout, lm_head, methods
 from .ablation import Head, HeadAblator, MeanRecorder
 from .errors import UnsupportedModelError, UsageError
 from .scores import kl_from_logprobs
@@ -148,7 +148,7 @@ def shared_prefix_length(model: nn.Module, tokens: Sequence[Sequence[int]]) -> i
     config = ablation.text_config(model)
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return 0
-    if len(ablation.attention_layers(model)) < len(ablation.decoder_layers(model)):
+    if len(layout.attention_layers(model)) < len(layout.decoder_layers(model)):
         return 0  # hybrid layers (Mamba, linear attention) keep states `_PrefixKV` does not stand in for
     entry = ablation.architecture_matrix().get(getattr(model.config, "model_type", None), {})
     if entry.get("share_prefix") is False:
@@ -226,9 +226,9 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
         tokens = [input_ids[p, input_ids.shape[1] - int(n):].tolist() for p, n in enumerate(lengths)]
         S = shared_prefix_length(model, tokens)
 
-    layers = ablation.decoder_layers(model)
-    norm = ablation.final_norm(model)
-    backbone = ablation.decoder_backbone(model)
+    layers = layout.decoder_layers(model)
+    norm = layout.final_norm(model)
+    backbone = layout.decoder_backbone(model)
     n_layers, n_heads = ablation.num_layers_heads(model)
     record: dict[int, tuple] = {}
 
@@ -248,7 +248,7 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
     last_normed: list[torch.Tensor] = []
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     # the final norm's output (a model without one: the last layer's)
-    tap = layers[-1] if isinstance(norm, ablation._NoNorm) else getattr(norm, "tap", norm)
+    tap = layers[-1] if isinstance(norm, layout._NoNorm) else getattr(norm, "tap", norm)
     handles.append(tap.register_forward_hook(
         lambda m, a, out: last_normed.append((out[0] if isinstance(out, (tuple, list)) else out)[:, -tail:].detach())))
     groups: list[_Group] = []
@@ -505,7 +505,7 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
     (`kv` then collects its keys/values and nothing is returned) or a group of prompts whose
     prefix is in `kv`."""
     model = cache.model
-    layers = ablation.decoder_layers(model)
+    layers = layout.decoder_layers(model)
     n = max(1, len(group.prompts))  # the prefix record has one row
     ablator = HeadAblator.from_configs(model, configs, method, epsilon, repeat=n,
                                        mean_values=cache.head_means if methods.get(method).acts_on == "mean" else None)
@@ -530,7 +530,7 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
             hidden = out[0] if isinstance(out, (tuple, list)) else out
     if group.clean_logits is None:
         return None
-    return ablation.final_norm(model)(hidden[:, -cache.tail:])  # [rows, tail, D]
+    return layout.final_norm(model)(hidden[:, -cache.tail:])  # [rows, tail, D]
 
 
 def _default_batch_size(cache: CleanCache) -> int:

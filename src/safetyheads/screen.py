@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ablation, files, lm_head, methods, scores
+from . import ablation, files, layout, lm_head, methods, scores
 from .config import SCREEN_PROBES as DEFAULT_PROBES
 from .config import SUBSPACE_PROBES as DEFAULT_SUBSPACE_PROBES
 from .errors import UsageError
@@ -211,7 +211,7 @@ def _head_products(tap: _Tap, grads: Sequence[torch.Tensor | None], n_layers: in
 def _last_hidden(model: nn.Module, enc) -> torch.Tensor:
     """Last-position final hidden state (after the final norm): [B, D]. Left padding puts every
     prompt's last token in the last column."""
-    backbone = ablation.decoder_backbone(model)
+    backbone = layout.decoder_backbone(model)
     out = backbone(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                    position_ids=enc.position_ids, use_cache=False)
     return out.last_hidden_state[:, -1, :]  # [B, D]
