@@ -133,7 +133,8 @@ def ranking_label(csv: Path) -> str:
 
 def _file_method(csv: Path) -> str | None:
     """The method of a ranking file without a `method` column (sahara.csv): sahara.json, else the manifest."""
-    from .results import manifest_field, read_manifest
+    from .manifest import Manifest
+    from .results import read_manifest
 
     side = csv.with_suffix(".json")
     if side.is_file():
@@ -143,8 +144,7 @@ def _file_method(csv: Path) -> str | None:
             method = None
         if method:
             return str(method)
-    method = manifest_field(read_manifest(csv.parent), "method")
-    return str(method) if isinstance(method, str) else None
+    return Manifest.from_dict(read_manifest(csv.parent)).method
 
 
 def ranked_heads(csv: Path, method: str) -> list[Head]:

@@ -20,10 +20,10 @@ import pandas as pd
 from . import __version__
 from .errors import UsageError
 from .heads import head_labels
+from .manifest import Manifest
 from .results import (
     EvalRun, ScoresRun, Study, dataset_order, dataset_title, dose_response_table, format_duration, head_rankings,
-    is_random_ranking, load_study, manifest_field, method_order, method_title, paper_order, ranking_agreement,
-    run_seconds,
+    is_random_ranking, load_study, method_order, method_title, paper_order, ranking_agreement,
 )
 
 COLORSCALE = "RdBu_r"  # blue (low) to red (high), as in the paper figure
@@ -581,31 +581,20 @@ def _section_examples(evals: list[EvalRun], per_dataset: int) -> str:
 _KEY_PACKAGES = ("safetyheads", "torch", "transformers", "python")
 
 
-def _names(value) -> str:
-    """A list of names or of {"name": ...} dicts (as manifests hold datasets), joined."""
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v.get("name", v)) if isinstance(v, dict) else str(v) for v in value)
-    return _text(value)
-
-
-def _prompt_counts(manifest: dict) -> str:
-    sets = manifest.get("datasets")
-    if isinstance(sets, list) and sets and all(isinstance(d, dict) for d in sets):
-        return ", ".join(str(d.get("n", "?")) for d in sets)
-    n = manifest_field(manifest, "n_prompts")
-    return "" if n is None else str(n)
+def _prompt_counts(record: Manifest) -> str:
+    return ", ".join("?" if n is None else str(n) for n in record.prompt_counts)
 
 
 def _when(manifest: dict) -> str:
     """"2026-11-29 15:47 (3 min 12 s)": the manifest's start time and the run's compute time (summed
-    over resumed sessions, see `results.run_seconds`)."""
+    over resumed sessions, see `Manifest.seconds`)."""
     started = manifest.get("started")
     if not isinstance(started, str):
         return ""
     text = started[:16].replace("T", " ")
     if not isinstance(manifest.get("finished"), str):
         return f"{text} (unfinished)"
-    seconds = run_seconds(manifest)
+    seconds = Manifest.from_dict(manifest).seconds
     return text if seconds is None else f"{text} ({format_duration(seconds)})"
 
 
@@ -613,26 +602,25 @@ def _section_manifests(paths: Sequence[tuple[Path, dict, str]]) -> str:
     """The provenance of every number on the page: one row per run folder, the full manifests below."""
     rows, details = [], []
     for path, manifest, kind in paths:
-        versions = manifest_field(manifest, "versions", "packages")
+        record = Manifest.from_dict(manifest)
+        versions = record.versions
         if isinstance(versions, dict):
             shown = {k: v for k, v in versions.items() if k in _KEY_PACKAGES} or versions
             version_text = ", ".join(f"{k} {v}" for k, v in shown.items())
         else:
             version_text = _text(versions)
         git = manifest.get("git") if isinstance(manifest.get("git"), dict) else {}
-        sha = manifest_field(manifest, "weights_sha256")
-        ablations = manifest_field(manifest, "ablations") or []
+        sha = record.weights_sha256
         rows.append({
             "run folder": path.name, "command": str(manifest.get("command") or kind),
-            "model": manifest_field(manifest, "model", keys=("spec", "name", "id")) or "",
+            "model": record.model_name or "",
             "weights sha256": f"{sha[:12]}…" if isinstance(sha, str) and sha else "",
-            "dataset": manifest_field(manifest, "dataset", keys=("name", "dataset"))
-            or _names(manifest_field(manifest, "datasets")),
-            "prompts": _prompt_counts(manifest),
-            "method / ablations": manifest_field(manifest, "method")
-            or "; ".join(f"{a.get('method')} {a.get('heads')}" for a in ablations if isinstance(a, dict)),
-            "epsilon": str(manifest_field(manifest, "epsilon") or ""),
-            "format": manifest_field(manifest, "format") or "",
+            "dataset": ", ".join(record.dataset_names),
+            "prompts": _prompt_counts(record),
+            "method / ablations": record.method
+            or "; ".join(f"{a.get('method')} {a.get('heads')}" for a in record.ablations),
+            "epsilon": str(record.epsilon or ""),
+            "format": record.format or "",
             "started (compute time)": _when(manifest),
             "git": (str(git.get("commit", ""))[:10] + (" (dirty)" if git.get("dirty") else "")) if git else "",
             "versions": version_text,

@@ -20,6 +20,7 @@ import pandas as pd
 from . import files, methods
 from .errors import UsageError
 from .heads import head_label
+from .manifest import Manifest
 from .runs import RunDir
 
 SCORES_FILES = tuple(files.csv(n) for n in (files.GSHIPS, files.SHIPS_SUMMARY, files.SAHARA, files.REFUSAL))
@@ -85,54 +86,7 @@ def ships_order(summary: pd.DataFrame) -> pd.DataFrame:
     return summary.sort_values(["top10_count", "mean"], ascending=False, kind="stable")
 
 
-# ---------------------------------------------------------------- manifest look-ups
-
-_MODEL_KEYS = ("spec", "name", "id", "model", "path")
-_DATASET_KEYS = ("dataset", "name", "spec", "path")
-
-
-def _sections(manifest: dict) -> list[dict]:
-    """Dicts a field may live in, most specific first: config and its sub-configs, then the top level."""
-    out: list[dict] = []
-    config = manifest.get("config")
-    if isinstance(config, dict):
-        out.append(config)
-        out.extend(v for v in config.values() if isinstance(v, dict))
-    out.append(manifest)
-    out.extend(v for k, v in manifest.items() if isinstance(v, dict) and k != "config")
-    return out
-
-
-def _as_name(value: Any, keys: tuple[str, ...]) -> str | None:
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, dict):
-        for key in keys:
-            if isinstance(value.get(key), str) and value[key]:
-                return value[key]
-    return None
-
-
-def manifest_field(manifest: dict, *names: str, keys: tuple[str, ...] = ()) -> Any:
-    """First value found under any of `names` in the manifest's config, sub-configs or top level."""
-    for section in _sections(manifest):
-        for name in names:
-            if name in section and section[name] is not None:
-                value = section[name]
-                if keys:
-                    value = _as_name(value, keys)
-                    if value is None:
-                        continue
-                return value
-    return None
-
-
-def _int_field(manifest: dict, *names: str) -> int | None:
-    value = manifest_field(manifest, *names)
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+# ---------------------------------------------------------------- manifests (schema: manifest.py)
 
 
 def normalise_dataset(name: str | None) -> str:
@@ -181,7 +135,7 @@ class ScoresRun:
     @property
     def screen_target(self) -> str:
         """What the screen estimated: gships or ships (from the manifest)."""
-        return str(manifest_field(self.manifest, "target") or "gships")
+        return Manifest.from_dict(self.manifest).target or "gships"
 
     def grid(self, column: str = "score") -> np.ndarray:
         """Generalized Ships as a [heads, layers] array (NaN where a head was not scored)."""
@@ -296,10 +250,10 @@ def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
     refusal = _read_csv(run / files.csv(files.REFUSAL), ("layer", "head", "score"))
     if gships is None and summary is None and sahara is None and screen is None and refusal is None:
         return []
-    model = manifest_field(manifest, "model", keys=_MODEL_KEYS) or "unknown model"
-    dataset = normalise_dataset(manifest_field(manifest, "dataset", "data", keys=_DATASET_KEYS))
-    method = manifest_field(manifest, "method") or "unknown"
-    method = str(method)
+    record = Manifest.from_dict(manifest)
+    model = record.model_name or "unknown model"
+    dataset = normalise_dataset(record.dataset)
+    method = record.method or "unknown"
     by_gships = _split_by_method(gships, method)
     by_summary = _split_by_method(summary, method)
     by_screen = _split_by_method(screen, method)
@@ -313,8 +267,8 @@ def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
         rf = _with_rank(by_refusal[m]) if m in by_refusal else None
         # The size the manifest declares, grown to cover every head in the files (a run limited
         # with --layers still shows the whole model; a manifest without sizes is still drawable).
-        n_layers = _int_field(manifest, "n_layers", "num_layers", "num_hidden_layers") or 0
-        n_heads = _int_field(manifest, "n_heads", "num_heads", "num_attention_heads") or 0
+        n_layers = record.n_layers or 0
+        n_heads = record.n_heads or 0
         for df in (g, s, sahara, sc, rf):
             if df is not None and len(df):
                 n_layers = max(n_layers, int(df["layer"].max()) + 1)
@@ -350,9 +304,10 @@ def load_eval_run(run: Path, manifest: dict) -> EvalRun | None:
     if asr is None and helpfulness is None and not generations:
         return None
     ablated = next((g for g in generations if g.get("condition") == "ablated"), {})
-    method = manifest_field(manifest, "method") or ablated.get("method") or ""
-    heads = manifest_field(manifest, "heads", "ablate") or ablated.get("heads")
-    model = manifest_field(manifest, "model", keys=_MODEL_KEYS) or ""
+    record = Manifest.from_dict(manifest)
+    method = record.method or ablated.get("method") or ""
+    heads = record.heads or ablated.get("heads")
+    model = record.model_name or ""
     agreement = _read_csv(run / "judge_agreement.csv", ("judge_a", "judge_b", "kappa"))
     return EvalRun(
         path=run, manifest=manifest, model=str(model), method=str(method), heads=format_heads(heads),
@@ -410,27 +365,10 @@ def format_duration(seconds: float | None) -> str:
     return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
 
 
-def run_seconds(manifest: dict) -> float | None:
-    """Compute time of a run: `compute_seconds` (summed over resumed sessions) when recorded, else the
-    command's own timer, else started -> finished."""
-    if isinstance(manifest.get("compute_seconds"), (int, float)):
-        return float(manifest["compute_seconds"])
-    seconds = (manifest.get("summary") or {}).get("seconds")
-    if isinstance(seconds, (int, float)):
-        return float(seconds)
-    try:
-        import datetime as dt
-
-        span = dt.datetime.fromisoformat(manifest["finished"]) - dt.datetime.fromisoformat(manifest["started"])
-        return span.total_seconds()
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def _run_status(run: Path, manifest: dict) -> str:
     if manifest.get("finished"):
         return "finished"
-    return f"unfinished: {len(RunDir(run, manifest).chunk_keys())} chunks saved"
+    return f"unfinished: {len(RunDir(run, Manifest.from_dict(manifest)).chunk_keys())} chunks saved"
 
 
 @dataclass
@@ -452,7 +390,7 @@ def summarize_runs(paths: Iterable[str | Path], top: int = 5, agreement: bool = 
         manifest = read_manifest(run)
         datasets = manifest.get("datasets") or []
         prompts = datasets[0].get("n") if len(datasets) == 1 and isinstance(datasets[0], dict) else None
-        time_text = format_duration(run_seconds(manifest))
+        time_text = format_duration(Manifest.from_dict(manifest).seconds)
         if time_text and manifest.get("resumed") and "compute_seconds" not in manifest:
             time_text += " (calendar span: resumed, no compute_seconds)"     # manifests from before compute_seconds
         base = {"run": str(run), "command": manifest.get("command") or "", "status": _run_status(run, manifest),
@@ -486,9 +424,10 @@ def summarize_runs(paths: Iterable[str | Path], top: int = 5, agreement: bool = 
                                  "method": r.get("method"), "heads": r.get("heads"), "judge": r.get("judge"),
                                  "n": r.get("n"), "asr": r.get("asr")})
         if not found:
-            rows.append({**base, "model": manifest_field(manifest, "model", keys=_MODEL_KEYS) or "",
-                         "dataset": normalise_dataset(manifest_field(manifest, "dataset", "data", keys=_DATASET_KEYS)),
-                         "prompts": prompts, "method": manifest_field(manifest, "method") or "", "ranking": "",
+            record = Manifest.from_dict(manifest)
+            rows.append({**base, "model": record.model_name or "",
+                         "dataset": normalise_dataset(record.dataset),
+                         "prompts": prompts, "method": record.method or "", "ranking": "",
                          "top_heads": ""})
     columns = ["run", "command", "model", "dataset", "prompts", "method", "status", "time", "ranking", "top_heads"]
     asr_columns = ["run", "dataset", "condition", "method", "heads", "judge", "n", "asr"]

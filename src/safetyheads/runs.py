@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-
-MANIFEST = "manifest.json"
+from .files import MANIFEST
+from .manifest import Manifest
 CHUNKS = "chunks"
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
 _PACKAGES = ("safetyheads", "torch", "transformers", "accelerate", "gguf", "safetensors", "tokenizers", "numpy",
@@ -191,15 +191,20 @@ def machine_info() -> dict:
 class RunDir:
     """One run's folder: manifest.json, `chunks/` and the final tables. Create with `RunDir.open`."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: Manifest):
         self.path = Path(path)
-        self.manifest = manifest
+        self.record = manifest
         # this session's clock starts at opening; earlier sessions' time is already in the manifest
         self._opened = time.monotonic()
-        self._before = float(manifest.get("compute_seconds") or 0.0)
+        self._before = float(manifest.compute_seconds or 0.0)
+
+    @property
+    def manifest(self) -> dict:
+        """The manifest as manifest.json holds it (a copy: change it through the methods below)."""
+        return self.record.to_dict()
 
     def _count_time(self) -> None:
-        self.manifest["compute_seconds"] = round(self._before + time.monotonic() - self._opened, 3)
+        self.record.compute_seconds = round(self._before + time.monotonic() - self._opened, 3)
 
     # -- opening -----------------------------------------------------------------------------------------------
 
@@ -238,9 +243,9 @@ class RunDir:
             if force:
                 shutil.rmtree(path)
             elif resume and same:
-                run = cls(path, old)
-                run.manifest.setdefault("resumed", []).append(_now())
-                run.manifest.pop("finished", None)
+                run = cls(path, Manifest.from_dict(old))
+                run.record.resumed = [*(run.record.resumed or []), _now()]
+                run.record.finished = None
                 run._write_manifest()
                 return run
             elif resume:
@@ -253,19 +258,19 @@ class RunDir:
                 raise UsageError(f"{path} already holds {what}; pass --resume to continue it or --force to replace it")
         path.mkdir(parents=True, exist_ok=True)
         argv, part_of = _command_line_of(path)
-        manifest = {
-            "command": command,
-            "argv": argv,
-            **({"part_of_command": part_of} if part_of else {}),
-            "cwd": os.getcwd(),
-            "config": config,
-            "model": model.describe() if hasattr(model, "describe") else model,
-            "datasets": _describe_all(datasets),
-            "versions": package_versions(),
-            "git": git_info(),
-            "machine": machine_info(),
-            "started": _now(),
-        }
+        manifest = Manifest(
+            command=command,
+            argv=argv,
+            part_of_command=part_of or None,
+            cwd=os.getcwd(),
+            config=config,
+            model=model.describe() if hasattr(model, "describe") else model,
+            datasets=_describe_all(datasets),
+            versions=package_versions(),
+            git=git_info(),
+            machine=machine_info(),
+            started=_now(),
+        )
         run = cls(path, manifest)
         run._write_manifest()
         return run
@@ -273,7 +278,7 @@ class RunDir:
     # -- manifest ----------------------------------------------------------------------------------------------
 
     def _write_manifest(self) -> None:
-        write_text_atomic(self.path / MANIFEST, to_json_text(self.manifest))
+        write_text_atomic(self.path / MANIFEST, to_json_text(self.record.to_dict()))
 
     def update_manifest(self, **fields: Any) -> None:
         """Add provenance known only later (e.g. `model=loaded` after loading). `config` cannot change."""
@@ -284,16 +289,16 @@ class RunDir:
                 v = v.describe()
             elif k == "datasets":
                 v = _describe_all(v)
-            self.manifest[k] = v
+            self.record.set(k, v)
         self._write_manifest()
 
     def finish(self, extra: dict | None = None, **more: Any) -> None:
         """Record the end time and a summary (e.g. the top heads, output files) in the manifest."""
-        summary = dict(self.manifest.get("summary") or {})
+        summary = dict(self.record.summary or {})
         summary.update(extra or {})
         summary.update(more)
-        self.manifest["summary"] = summary
-        self.manifest["finished"] = _now()
+        self.record.summary = summary
+        self.record.finished = _now()
         self._count_time()
         self._write_manifest()
 
