@@ -7,6 +7,14 @@
 #   4. evaluate: baseline and the top-1 / top-3 Generalized Ships heads of each method (from the
 #      JailbreakBench runs), greedy, 64 new tokens, both datasets, helpfulness on the harmless set;
 #   5. the HTML report of everything in $RUNS.
+# and, as STEPS=dose (issue 16's dose-response experiment, not in the default STEPS):
+#   6. held-out rankings on the first $DOSE_LIMIT (default 50) AdvBench prompts: ships --with-gships
+#      for each method (Generalized Ships of both methods, Ships of undifferentiated) and the refusal
+#      score (undifferentiated);
+#   7. evaluate on all of JailbreakBench and MaliciousInstruct (prompts the rankings never saw):
+#      baseline, the top 1/3/10 of every ranking, and random heads (K = 1, 3, 10; 3 draws each, seed 0)
+#      under each method, greedy, 64 new tokens; asr.csv with Wilson intervals and McNemar p-values,
+#      dose_response.png/.svg.
 #
 #   scripts/acceptance.sh                       # .venv/bin/safetyheads, runs/acceptance/, any device
 #   LIMIT=8 RUNS=/tmp/acc scripts/acceptance.sh # a quick smoke run on the first 8 prompts (and 8 harmless)
@@ -57,6 +65,23 @@ if has sahara; then
 fi
 if has figure; then
   "$SH" figure "$RUNS"/ships-* --out "$RUNS/figure.png" --formats png,svg
+fi
+if has dose; then
+  DOSE_SET=${DOSE_SET:-advbench}; DOSE_LIMIT=${DOSE_LIMIT:-${LIMIT:-50}}
+  DOSE=(--model "$MODEL" --format chat --dataset "$DOSE_SET" --limit "$DOSE_LIMIT")
+  for method in undifferentiated scaling; do
+    step "dose: ships+gships $DOSE_SET $method" "$RUNS/dose/ships-$DOSE_SET-$method" \
+      "$SH" ships "${DOSE[@]}" --method "$method" --with-gships
+  done
+  step "dose: refusal $DOSE_SET undifferentiated" "$RUNS/dose/refusal-$DOSE_SET-undifferentiated" \
+    "$SH" refusal "${DOSE[@]}" --method undifferentiated
+  step "dose: evaluate" "$RUNS/dose/evaluate" \
+    "$SH" evaluate "${COMMON[@]}" --dataset jailbreakbench --dataset maliciousinstruct \
+    --from "$RUNS/dose/ships-$DOSE_SET-undifferentiated" --from "$RUNS/dose/ships-$DOSE_SET-scaling" \
+    --from "$RUNS/dose/ships-$DOSE_SET-undifferentiated/ships_summary.csv" \
+    --from "$RUNS/dose/refusal-$DOSE_SET-undifferentiated" \
+    --top 1,3,10 --random 1,3,10 --repeats 3 --seed 0 --method undifferentiated,scaling \
+    --max-new-tokens 64 --greedy --batch-size 50 --no-helpfulness
 fi
 if has evaluate; then
   step "evaluate" "$RUNS/evaluate" \
