@@ -1,11 +1,13 @@
 """What a head ablation is (heads, method, ε) and how it is applied to a Hugging Face model.
 
-One attention function is registered in transformers' `AttentionInterface` for each original
-implementation (`safetyheads_sdpa`, `safetyheads_eager`, ...). While an ablation context is active,
-the model's config points at that name; the wrapper looks up the module's layer, modifies the
-query heads (after q bias, q-norm and RoPE, i.e. exactly what the scores see) or the per-head
-outputs (before `o_proj`), and calls the model's ORIGINAL attention function, so masking, sliding
-windows, soft-capping and GQA are whatever the model itself does. No model class is forked.
+While an ablation context is active, transformers' `AttentionInterface` lookups are intercepted
+(`_install`): the attention function a module fetches (`sdpa`, `eager`, ... — the configured name is
+untouched, so code that branches on it behaves as without us) is wrapped so that, for a module
+attached to the context, the wrapper modifies the query heads (after q bias, q-norm and RoPE, i.e.
+exactly what the scores see) or the per-head outputs (before `o_proj`) and calls the model's
+ORIGINAL attention function; masking, sliding windows, soft-capping, sinks and GQA are whatever the
+model itself does. No model class is forked. What each method does: `methods.py`; where the layers
+and attention modules are: `layout.py`.
 
 The factors live in a small object attached to the attention modules for the duration of a `with`
 block (nothing global), one row per example, so one forward pass can hold many different
@@ -110,6 +112,9 @@ def num_layers_heads(model: Any) -> tuple[int, int]:
     heads = getattr(config, "num_attention_heads", None)
     if isinstance(heads, (list, tuple)):
         heads = max(heads)
+    per_layer = getattr(config, "num_attention_heads_per_layer", None)  # Laguna: a per-layer override
+    if isinstance(per_layer, (list, tuple)) and per_layer:
+        heads = max([int(h) for h in per_layer] + ([int(heads)] if heads is not None else []))
     if isinstance(model, nn.Module):
         return len(decoder_layers(model)), int(heads)
     return int(config.num_hidden_layers), int(heads)
@@ -262,6 +267,45 @@ def _real_query_rows(attention_mask: Any, batch: int, q_len: int, device) -> tor
     return real.expand(batch, q_len)
 
 
+_SINK_KWARGS = ("sinks", "s_aux")  # a per-head (or per-query, Inkling 2) sink logit given to the attention function
+_BIAS_KWARGS = ("position_bias",)  # an additive score term [batch, heads, q, k] (Inkling's relative position bias)
+
+
+def _without_score_terms(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The attention call's (args, kwargs) with every score term besides query·key removed, or
+    None when it has none (the uniform recompute is then not needed): sink logits passed in
+    (`sinks`, `s_aux`) at the dtype's minimum, a `position_bias` at 0, and a float attention
+    mask that carries finite values besides 0 and "masked" (Doge's dynamic mask adds a learned
+    per-key bias) reduced to 0 where it lets a key through (> min / 2, as the kernels read it),
+    min elsewhere. `module.sinks` is handled by the caller (it is a parameter, not an argument)."""
+    changed = isinstance(getattr(module, "sinks", None), torch.Tensor)
+    kwargs = dict(kwargs)
+    for name in _SINK_KWARGS:
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t is not getattr(module, "sinks", None):
+            kwargs[name] = torch.full_like(t, torch.finfo(t.dtype).min)
+            changed = True
+    for name in _BIAS_KWARGS:
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and bool((t != 0).any()):
+            kwargs[name] = torch.zeros_like(t)
+            changed = True
+    in_args = bool(args)
+    mask = args[0] if in_args else kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+        floor = torch.finfo(mask.dtype).min
+        visible = mask > floor / 2
+        if bool((visible & (mask != 0)).any()):
+            plain = torch.where(visible, torch.zeros((), dtype=mask.dtype, device=mask.device),
+                                torch.full((), floor, dtype=mask.dtype, device=mask.device))
+            if in_args:
+                args = (plain, *args[1:])
+            else:
+                kwargs["attention_mask"] = plain
+            changed = True
+    return (args, kwargs) if changed else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Factor tables
 # ----------------------------------------------------------------------------------------------
@@ -407,9 +451,11 @@ class HeadAblator:
             q = self._rows(q_scale, batch, query)[:, :heads]  # [batch, heads] (a layer may have fewer heads)
             query = query * q[:, :, None, None]
         out, weights = fn(module, query, key, value, *args, **kwargs)  # out: [batch, q_len, heads, head_dim]
-        sinks = getattr(module, "sinks", None)
-        if q is not None and isinstance(sinks, torch.Tensor) and not q.requires_grad and bool((q == 0).any()):
-            out, weights = self._uniform_without_sink(fn, module, q == 0, out, weights, query, key, value, args, kwargs)
+        if q is not None and not q.requires_grad and bool((q == 0).any()):
+            neutral = _without_score_terms(module, args, kwargs)
+            if neutral is not None:
+                out, weights = self._uniform_without_sink(fn, module, q == 0, out, weights, query, key, value,
+                                                          *neutral)
         if mean_mask is not None:
             mean = self._head_means(layer, out, args[0] if args else kwargs.get("attention_mask"))  # [H, hd]
             mean = mean[:out.shape[2], :out.shape[3]]
@@ -421,18 +467,23 @@ class HeadAblator:
 
     @staticmethod
     def _uniform_without_sink(fn, module, zero, out, weights, query, key, value, args, kwargs):
-        """Uniform attention in a module with attention sinks (gpt-oss, DeepSeek V4, ...): a zero
-        query still gives the sink its logit, so the keys would share 1 - sink weight. `uniform`
-        means exactly 1/visible keys, so the heads with a zero query are recomputed with their
-        sink logit at -inf (weight 0) and replace those rows' outputs (docs/design.md)."""
-        sinks = module.sinks
-        saved = sinks.data
-        drop = zero.any(0)  # [heads] that are uniform in some row
-        sinks.data = saved.masked_fill(drop.to(saved.device)[:saved.shape[0]], torch.finfo(saved.dtype).min)
+        """Uniform attention in a module whose scores have terms besides query·key (`_without_score_terms`:
+        attention sinks as in gpt-oss / DeepSeek V4 / Inkling 2, a hidden-state position bias as in
+        Inkling, a learned dynamic mask as in Doge): a zero query still leaves those terms, so the
+        keys would not get 1/visible each. `uniform` means exactly 1/visible keys, so the heads with a
+        zero query are recomputed with the sink logit at the dtype's minimum (weight 0), the position
+        bias at 0 and the mask reduced to visible / masked, and replace those rows' outputs
+        (`args`, `kwargs`: the call's arguments with those terms removed; docs/design.md)."""
+        sinks = getattr(module, "sinks", None)
+        saved = sinks.data if isinstance(sinks, torch.Tensor) else None
+        if saved is not None:
+            drop = zero.any(0)  # [heads] that are uniform in some row
+            sinks.data = saved.masked_fill(drop.to(saved.device)[:saved.shape[0]], torch.finfo(saved.dtype).min)
         try:
             out2, weights2 = fn(module, query, key, value, *args, **kwargs)
         finally:
-            sinks.data = saved
+            if saved is not None:
+                sinks.data = saved
         out = torch.where(zero[:, None, :, None].to(out.device), out2, out)
         if isinstance(weights, torch.Tensor) and isinstance(weights2, torch.Tensor) and weights.ndim == 4:
             weights = torch.where(zero[:, :, None, None].to(weights.device), weights2, weights)

@@ -13,6 +13,11 @@ engine against independent oracles:
   attention weights of that head are exactly 1/visible keys, where the visible keys are those the
   stock model's weights give a nonzero weight (another head of the same layer stays peaked);
 - scaling: `scaling` changes the logits;
+- padding: the model's own forward on a left-padded batch gives each prompt what it gives alone;
+  where it does not (positions counted from the first column, a recurrence or compressor that runs
+  over the pads), batches of prompts of one length must, and the type is recorded with
+  `left_padding: false`: the project then feeds it only such batches (`prompts.pads_safely`), and
+  the sweep check's direct forward is one on those batches;
 - sweep: `engine.prepare` (with its self-check) + `engine.sweep` give the log-probs and KLs of a
   direct forward of the stock model under `ablated()` (undifferentiated, scaling, mean; with and
   without shared-prefix replay);
@@ -32,9 +37,11 @@ import dataclasses
 import inspect
 import json
 import math
+import re
 import sys
 import time
 import traceback
+import zlib
 from typing import Any
 
 import torch
@@ -93,8 +100,33 @@ _OVERRIDES: dict[str, dict] = {
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], mamba_d_state=8,
                              mamba_n_heads=4, mamba_d_head=32, mamba_chunk_size=16),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
+    # Mamba-2: hidden_size * expand must equal num_heads * head_dim (64 * 2 = 8 * 16); groups divide heads
+    "mamba2": dict(num_heads=8, head_dim=16, n_groups=1, state_size=8, chunk_size=16),
+    # the shared attention block is tied across the hybrid layers: two of them, or there is nothing to tie
+    "zamba": dict(layers_block_type=["linear_attention", "hybrid", "hybrid"]),
+    # DBRX clamps q/k/v with clip_qkv unconditionally (None fails in torch.clamp); 8 is DBRX-instruct's
+    "dbrx.attn_config": dict(clip_qkv=8.0),
+    "gpt_neo": dict(window_size=WINDOW),  # local layers' window shorter than the prompts
+    "reformer": dict(axial_pos_embds=False),  # axial position factors must sum to hidden_size
+    # Qwen4-Exp's indexed (QSA) layers need their indexer sized; the default config leaves it unset
+    "qwen4_exp_text": dict(indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                           indexer_compress_ratio=2),
+    # KV sharing: the trailing shared layers reuse the last producer of their type, so every type
+    # needs a producer before them (the default's 15 of 35 cut to 3 layers would leave none)
+    "gemma3n_text": dict(num_hidden_layers=4, num_kv_shared_layers=2,
+                         layer_types=["sliding_attention", "full_attention"] * 2,
+                         intermediate_size=[2 * HIDDEN] * 4, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0]),
+    # Mamba-2 groups must divide the (shrunk) Mamba heads; the default 8 groups exceed 4 heads
+    "nemotron_h": dict(n_groups=1),
+    # sliding layers double the KV heads, so 4 KV heads (MHA) would give 8 > 4 query heads: 2 KV heads
+    # make the full layers GQA and the sliding ones MHA, in both variants
+    "mimo_v2_flash": dict(num_key_value_heads=2),
+    # one input, one recurrent (looped) and one output layer: the default 8 + 8 input/output layers of
+    # 3 make every layer run twice and the recurrent section empty
+    "dory": dict(n_input_layers=1, n_recurrent_layers=1, n_output_layers=1),
 }
-_LAYER_PATTERN_FIELDS = ("layer_types", "layers_block_type", "block_types", "layer_block_types", "hybrid_layer_types")
+_LAYER_PATTERN_FIELDS = ("layer_types", "layers_block_type", "block_types", "layer_block_types", "hybrid_layer_types",
+                         "attention_layers")
 
 
 def causal_lm_types() -> list[str]:
@@ -184,7 +216,7 @@ def shrink_kwargs(cls, gqa: bool, model_type: str) -> dict[str, Any]:
         if value is None:
             if (name.endswith("_token_id") or name.endswith("_token_index") or name.endswith("_id")) \
                     and isinstance(default, int) and not isinstance(default, bool) and default >= SPECIAL:
-                value = SPECIAL + (abs(hash(name)) % 8)
+                value = SPECIAL + zlib.crc32(name.encode()) % 8  # stable across processes (hash() is salted)
             elif name.endswith("_token_id") and isinstance(default, list):
                 value = [SPECIAL + 1]
         if value is not None:
@@ -197,6 +229,16 @@ def shrink_kwargs(cls, gqa: bool, model_type: str) -> dict[str, Any]:
             kw.pop(k)
     kw.update(_OVERRIDES.get(model_type, {}))
     return kw
+
+
+def _is_run_length(value: Any, n_layers: int) -> bool:
+    """Whether a default is a run-length layer pattern [[kinds, repeats], ...] covering n_layers."""
+    if not isinstance(value, list) or not value:
+        return False
+    if not all(isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[0], (list, tuple))
+               and isinstance(v[1], int) for v in value):
+        return False
+    return sum(len(v[0]) * v[1] for v in value) == n_layers
 
 
 def _layer_count_field(config) -> str | None:
@@ -233,13 +275,29 @@ def _adapt_layer_lists(cls, kw: dict, model_type: str) -> dict:
     n = kw.get(count, LAYERS)
     pick = _pick(pattern, n) if pattern is not None else list(range(min(n, L0)))
     n = len(pick)
-    kw[count] = n
+    declared = _fields(cls)
+    overridden = _OVERRIDES.get(model_type, {})  # per-type schedules stand as given
+    try:
+        probe = copy.copy(default)
+        setattr(probe, count, n)
+        kw[count] = n
+    except Exception:  # noqa: BLE001 - a derived count (ProphetNet's encoder + decoder layers) refuses a write
+        pass
+    for name in declared:
+        try:
+            value = getattr(default, name, None) if pattern is not None else None
+        except Exception:  # noqa: BLE001 - per-layer attributes that refuse a global read
+            continue
+        if _is_run_length(value, L0):
+            # [[kinds, repeats], ...] expanded to one kind per layer (GPT-Neo's attention_types): the
+            # picked layers' kinds, once each
+            kw[name] = [[[pattern[i] for i in pick], 1]]
     for name in list(_fields(cls)) + ["hybrid_override_pattern", "full_attention_interval"]:
         try:
             value = getattr(default, name, None)
         except Exception:  # per-layer attributes that refuse a global read (Gemma 4's head_dim)
             continue
-        if name in kw and not (isinstance(value, list) and len(value) == L0):
+        if name in kw and not (isinstance(value, list) and len(value) == L0) or name in overridden:
             continue
         if isinstance(value, list) and len(value) == L0 and L0 != n:
             old = kw.get(name)
@@ -255,11 +313,92 @@ def _adapt_layer_lists(cls, kw: dict, model_type: str) -> dict:
     return kw
 
 
-def tiny_config(model_type: str, gqa: bool = False):
-    """A tiny config of `model_type` (sub-configs of multimodal wrappers shrunk the same way)."""
+def _cause(exc: BaseException) -> str:
+    """The message that says what is wrong: a strict-dataclass validation error's cause (its first
+    line only names the validator), else the exception's own message."""
+    cause = exc.__cause__ if exc.__cause__ is not None and "validation error" in str(exc).lower() else exc
+    return f"{type(cause).__name__}: {str(cause).strip()}" if cause is not exc else str(exc)
+
+
+# a value the message requires: "`name=1`" (ZAYA: "supports `num_experts_per_tok=1` only") or "name must be 0"
+_REQUIRED = re.compile(r"`(\w+)=(-?\d+|True|False)`|\b(\w+) must be (-?\d+|True|False)\b")
+
+
+def _construct(cls, kw: dict):
+    """`cls(**kw)`; where the class's own validation rejects the tiny values and its message names
+    the field, the field is repaired and the construction retried (a few times): set to the value
+    the message requires ("`num_experts_per_tok=1` only", "hidden_size_per_layer_input must be 0"),
+    else put back to its default. A field of a sub-config already in `kw` is repaired there."""
+    kw = dict(kw)
+    fields = _fields(cls)
+    for _ in range(6):
+        try:
+            return cls(**kw)
+        except Exception as exc:  # noqa: BLE001 - strict-dataclass validation errors are no ValueError
+            text = _cause(exc)
+            required = {a or c: b or d for a, b, c, d in _REQUIRED.findall(text)}
+            repaired = False
+            for name, value in required.items():
+                literal = {"True": True, "False": False}.get(value, None)
+                literal = int(value) if literal is None else literal
+                subs = [v for v in kw.values() if hasattr(v, "to_dict") and name in _fields(type(v))]
+                if name in fields and kw.get(name, fields[name]) != literal:
+                    kw[name] = literal
+                    repaired = True
+                for sub in subs:
+                    if getattr(sub, name, None) != literal:
+                        setattr(sub, name, literal)
+                        repaired = True
+            if not repaired:
+                named = [k for k in kw if not hasattr(kw[k], "to_dict") and re.search(rf"\b{re.escape(k)}\b", text)]
+                if not named:
+                    raise
+                for k in named:
+                    kw.pop(k)
+    return cls(**kw)
+
+
+def _shrink_entry(entry: dict, gqa: bool) -> dict:
+    """One layer's overrides of a heterogeneous config shrunk by the same rules as the fields; an
+    MLA head that is its no-RoPE and RoPE parts side by side (head_dim = nope + rope) stays so."""
+    out = {}
+    for name, value in entry.items():
+        small = _SIZES.get(name)
+        small = small(gqa) if callable(small) else small
+        if small is None:
+            small = _generic_size(name, value, gqa)
+        out[name] = value if small is None or not isinstance(value, int) or isinstance(value, bool) else small
+    parts = ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim")
+    if all(isinstance(entry.get(k), int) for k in parts) \
+            and entry["head_dim"] == entry["qk_nope_head_dim"] + entry["qk_rope_head_dim"]:
+        out["head_dim"] = out["qk_nope_head_dim"] + out["qk_rope_head_dim"]
+    return out
+
+
+def _build_config(cls, kw: dict, gqa: bool, shrink_layers: bool = False):
+    """`_construct`; with `shrink_layers`, for a heterogeneous config whose per-layer overrides the
+    class derives itself at full size (Dots 3 Note's sliding-window layers: 64 heads of 256), the
+    same construction with those overrides shrunk (only where the model is otherwise not tiny:
+    Gemma 4's wider full-attention heads are kept where they fit)."""
+    config = _construct(cls, kw)
+    if not shrink_layers or not getattr(config, "is_heterogeneous", False) or "per_layer_config" in kw:
+        return config
+    from transformers.integrations.heterogeneity.configuration_utils import _get_explicit_per_layer_overrides
+
+    overrides = _get_explicit_per_layer_overrides(config)  # {tiny layer index: {field: value}}
+    shrunk = {i: _shrink_entry(entry, gqa) for i, entry in overrides.items()}
+    if shrunk == overrides:
+        return config
+    return _construct(cls, {**kw, "per_layer_config": shrunk})
+
+
+def tiny_config(model_type: str, gqa: bool = False, cls: type | None = None, shrink_layers: bool = False):
+    """A tiny config of `model_type` (sub-configs of multimodal wrappers shrunk the same way);
+    `cls`: another config class to shrink under that type's name (its causal LM's own config);
+    `shrink_layers`: shrink per-layer overrides too (`_build_config`)."""
     from transformers import CONFIG_MAPPING
 
-    cls = CONFIG_MAPPING[model_type]
+    cls = cls or CONFIG_MAPPING[model_type]
     sub_configs = getattr(cls, "sub_configs", {}) or {}
     kw = _adapt_layer_lists(cls, shrink_kwargs(cls, gqa, model_type), model_type)
     try:
@@ -270,18 +409,22 @@ def tiny_config(model_type: str, gqa: bool = False):
         current = getattr(default, key, None) if default is not None else None
         if current is not None and hasattr(current, "to_dict"):
             sub_cls = type(current)  # AutoConfig placeholders: the default's concrete class
+        elif not isinstance(sub_cls, type) or sub_cls.__name__ == "AutoConfig":
+            spec = (getattr(cls, "sub_configs_defaults", None) or {}).get(key)  # or the model type it names
+            if getattr(spec, "model_type", None) in CONFIG_MAPPING:
+                sub_cls = CONFIG_MAPPING[spec.model_type]
         if not isinstance(sub_cls, type) or sub_cls.__name__ == "AutoConfig":
             continue
         sub_type = getattr(sub_cls, "model_type", key)
         try:
             sub_kw = _adapt_layer_lists(sub_cls, shrink_kwargs(sub_cls, gqa, sub_type), sub_type)
-            kw[key] = sub_cls(**sub_kw)
+            sub_kw.update(_OVERRIDES.get(f"{model_type}.{key}", {}))  # a sub-config without a model type of its own
+            kw[key] = _build_config(sub_cls, sub_kw, gqa, shrink_layers)
         except Exception:
             pass
     for k in [k for k in kw if k in sub_configs and not hasattr(kw[k], "to_dict")]:
         kw.pop(k)
-    config = cls(**kw)
-    return config
+    return _build_config(cls, kw, gqa, shrink_layers)
 
 
 @torch.no_grad()
@@ -290,26 +433,129 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     near-uniform attention everywhere); 1-D parameters (norm gains, biases, sinks, SSM constants)
     are their initial values plus a small perturbation, so their meaning is kept."""
     gen = torch.Generator().manual_seed(seed)
+    # an "embed"-named Linear (ELECTRA's embeddings_project) is a projection, fan-in scaled like the
+    # others: std 1 there saturates every head's softmax to exact zeros (a tied LM head stays std 1)
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    projections = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - tables
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             continue
         if p.ndim >= 2:
-            std = 1.0 if "embed" in name or "wte" in name or "wpe" in name else 1.5 / math.sqrt(max(p.shape[-1], 1))
+            table = ("embed" in name or "wte" in name or "wpe" in name) and id(p) not in projections
+            std = 1.0 if table else 1.5 / math.sqrt(max(p.shape[-1], 1))
             p.copy_(torch.randn(p.shape, generator=gen) * std)
         else:
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def build(model_type: str, gqa: bool, attn: str = "eager", seed: int = 0):
+def _causal_lm_class(model_type: str) -> type | None:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
+
+
+def _repair_for_model(config, exc: BaseException) -> bool:
+    """Make `config` acceptable to a model constructor that rejected it; whether anything changed.
+
+    - a sub-config attribute the modelling code reads but the sub-config class does not declare
+      (DBRX's `attn_config.rope_theta`: real checkpoints carry it in their config.json): the parent's
+      value of that name, or its `rope_parameters` entry;
+    - a value the constructor's message requires ("make sure that `is_decoder=True`", Reformer)."""
+    subs = [getattr(config, k, None) for k in (getattr(type(config), "sub_configs", {}) or {})]
+    configs = [config] + [c for c in subs if hasattr(c, "to_dict")]
+    text = str(exc)
+    missing = re.search(r"'(\w+)' object has no attribute '(\w+)'", text)
+    if isinstance(exc, AttributeError) and missing:
+        owners = [c for c in configs[1:] if type(c).__name__ == missing.group(1)]
+        name = missing.group(2)
+        value = getattr(config, name, None) if hasattr(config, name) else None
+        if value is None:
+            value = (getattr(config, "rope_parameters", None) or {}).get(name)
+        if owners and value is not None:
+            setattr(owners[0], name, value)
+            return True
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(exc, KeyError) and exc.args and exc.args[0] in layer_types and isinstance(rope, dict) \
+            and exc.args[0] not in rope:
+        # per-layer-type RoPE that the default config leaves empty (Cohere Compass): standard RoPE
+        rope[exc.args[0]] = {"rope_type": "default", "rope_theta": 10000.0}
+        return True
+    changed = False
+    for a, b, c, d in _REQUIRED.findall(text):
+        name, value = a or c, {"True": True, "False": False}.get(b or d, None)
+        value = int(b or d) if value is None else value
+        for cfg in configs:
+            if hasattr(cfg, name) and getattr(cfg, name) != value:
+                setattr(cfg, name, value)
+                changed = True
+    return changed
+
+
+def _instantiate(model_cls: type | None, config, **kw):
+    """The causal LM of `config` (the auto class, or `model_cls` directly), repairing the config
+    where the constructor says what it lacks (`_repair_for_model`), a few times at most."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(model_type, gqa)
-    with torch.device("meta"):  # count first: a config the rules cannot shrink must not eat the memory
-        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, dtype=torch.float32).parameters())
-    if n > 20_000_000:
-        raise RuntimeError(f"the tiny config is not tiny ({n / 1e6:.0f}M parameters)")
+    for attempt in range(4):
+        try:
+            if model_cls is None:
+                return AutoModelForCausalLM.from_config(config, **kw)
+            return model_cls._from_config(config, **kw)
+        except Exception as exc:  # noqa: BLE001 - any constructor failure may be repairable
+            if attempt == 3 or not _repair_for_model(config, exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _decoder_only_with_flag(model_cls: type | None) -> bool:
+    """Whether a causal LM class is a causal decoder only with `config.is_decoder=True` (BERT /
+    RoBERTa-style `...ForCausalLM`: its __init__ warns `if not config.is_decoder`, and its users
+    set the flag; without it the layers attend bidirectionally). The harness builds it so."""
+    try:
+        return "if not config.is_decoder" in inspect.getsource(model_cls.__init__)
+    except (TypeError, OSError, AttributeError):
+        return False
+
+
+def _tiny_causal_config(model_type: str, gqa: bool):
+    """(tiny config, model class or None for the auto class), counted on the meta device so that a
+    config the rules cannot shrink never takes the memory. Tried in turn: the type's config; the
+    same with per-layer overrides shrunk (`_build_config`); and, for a type whose causal LM class
+    takes a sub-config of the type's composite config (MusicGen's decoder, Dots 3 Note's text
+    model), a tiny config of that sub-config class. The last failure is raised."""
+    from transformers import CONFIG_MAPPING
+
+    attempts: list[tuple[str, type | None, type | None]] = [(model_type, None, None)]
+    model_cls = _causal_lm_class(model_type)
+    own = getattr(model_cls, "config_class", None)
+    if own is not None and own is not CONFIG_MAPPING[model_type]:
+        attempts.append((getattr(own, "model_type", model_type), own, model_cls))
+    error: Exception | None = None
+    for name, cls, klass in attempts:
+        for shrink_layers in (False, True):
+            try:
+                config = tiny_config(name, gqa, cls=cls, shrink_layers=shrink_layers)
+                if _decoder_only_with_flag(klass or model_cls):
+                    config.is_decoder = True
+                with torch.device("meta"):
+                    n = sum(p.numel() for p in _instantiate(klass, config, dtype=torch.float32).parameters())
+            except Exception as exc:  # noqa: BLE001 - the next attempt may build
+                error = exc
+                break
+            if n <= 20_000_000:
+                return config, klass
+            error = RuntimeError(f"the tiny config is not tiny ({n / 1e6:.0f}M parameters)")
+    assert error is not None
+    raise error
+
+
+def build(model_type: str, gqa: bool, attn: str = "eager", seed: int = 0):
+    config, model_cls = _tiny_causal_config(model_type, gqa)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model = _instantiate(model_cls, config, attn_implementation=attn, dtype=torch.float32)
     randomize(model, seed)
     try:
         out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
@@ -362,15 +608,27 @@ def _encoded():
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
 
 
-def _forward(model, enc) -> torch.Tensor:
-    """Last-position logits of the model's own forward on a left-padded batch."""
+def _forward(model, enc, padded: bool = True) -> torch.Tensor:
+    """Last-position logits [P, V] float64 of the model's own forward: on the left-padded batch, or
+    (`padded=False`) on batches of prompts of one length, unpadded (`prompts.batch_rows`): what the
+    engine's self-check feeds a model whose outputs change under left padding."""
     from .engine import _forward_kwargs
+    from .prompts import batch_rows
 
     _, _, takes_positions = _forward_kwargs(model)
-    kw = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-    if takes_positions:
-        kw["position_ids"] = enc["position_ids"]
-    return model(**kw).logits[:, -1].double()
+    lengths = enc["attention_mask"].sum(-1).tolist()
+    out: torch.Tensor | None = None
+    for rows in batch_rows(lengths, len(lengths), padded):
+        cols = slice(None) if padded else slice(enc["input_ids"].shape[1] - int(lengths[rows[0]]), None)
+        sub = {k: v[rows][:, cols] for k, v in enc.items()}  # [n, T or length]
+        kw = dict(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], use_cache=False)
+        if takes_positions:
+            kw["position_ids"] = sub["position_ids"]
+        logits = model(**kw).logits[:, -1].double()  # [n, V]
+        if out is None:
+            out = logits.new_empty(len(lengths), logits.shape[-1])
+        out[rows] = logits
+    return out
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -388,6 +646,30 @@ def _test_heads(model) -> list[tuple[int, int]]:
     return picks
 
 
+def _padding_check(model, enc) -> bool:
+    """Whether the engine may feed `model` left-padded batches (its self-check's forward, generation):
+    True when the model's own forward on the padded batch gives each prompt what it gives alone.
+    When it does not (positions counted from the first column, a recurrence or a compressor that
+    runs over the pads whatever the mask says), batches of prompts of one length must: they are
+    all the engine then feeds it (`prompts.batch_rows`), so False; CheckFailed when even those
+    differ from each prompt alone."""
+    def matches(logits: torch.Tensor) -> bool:  # [P, V]
+        lp = torch.log_softmax(logits, -1)
+        for p in range(enc["input_ids"].shape[0]):
+            n = int(enc["attention_mask"][p].sum())
+            alone = torch.log_softmax(_logits(model, enc["input_ids"][p:p + 1, -n:])[:, -1], -1)
+            if (alone[0] - lp[p]).abs().max() > TOL:
+                return False
+        return True
+
+    if matches(_forward(model, enc, padded=True)):
+        return True
+    if matches(_forward(model, enc, padded=False)):
+        return False
+    raise CheckFailed("padding", "the model's own outputs depend on the batch even without padding, so its "
+                                 "forward cannot serve as the engine's self-check")
+
+
 @torch.no_grad()
 def check_model(model, eager) -> dict:
     """Every check on one variant; `eager` is the same weights under eager attention (or None
@@ -400,7 +682,12 @@ def check_model(model, eager) -> dict:
     # causal (stock model)
     changed = ids.clone()
     changed[0, -1] = 3 + (int(ids[0, -1]) - 3 + 7) % (SPECIAL - 3)
-    a, b = _logits(model, ids), _logits(model, changed)
+    try:
+        a = _logits(model, ids)
+    except Exception as exc:  # a drafter fed the target model's states (Gemma 4 assistant), ...
+        raise CheckFailed("forward", f"the stock forward fails on a [1, T] batch of token ids: {type(exc).__name__}: "
+                                     f"{_cause(exc).splitlines()[0][:200]}") from exc
+    b = _logits(model, changed)
     if (a[:, :-1] - b[:, :-1]).abs().max() > 1e-5 * max(1.0, float(a.abs().max())):  # rounding of batched experts
         raise CheckFailed("causal", "not a causal decoder: the last token changes earlier positions")
     done.append("causal")
@@ -428,18 +715,13 @@ def check_model(model, eager) -> dict:
         done.append("uniform-weights")
     # engine = direct forward
     enc = _encoded()
-    clean = torch.log_softmax(_forward(model, enc), -1)
-    for p in range(enc["input_ids"].shape[0]):  # the model's own padded batch = each prompt alone
-        n = int(enc["attention_mask"][p].sum())
-        alone = torch.log_softmax(_logits(model, enc["input_ids"][p:p + 1, -n:])[:, -1], -1)
-        if (alone[0] - clean[p]).abs().max() > TOL:
-            raise CheckFailed("padding", "left padding changes the model's own outputs, so its forward "
-                                         "cannot serve as the engine's self-check")
+    padded = _padding_check(model, enc)
+    clean = torch.log_softmax(_forward(model, enc, padded), -1)
     configs = [[h] for h in heads] + [heads, []]
     share_ok = None
     for share in (True, False):
         try:
-            cache = engine.prepare(model, enc, share_prefix=share)
+            cache = engine.prepare(model, enc, share_prefix=share, left_padding=padded)
         except Exception as exc:
             raise CheckFailed("sweep", f"prepare: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         for method in ("undifferentiated", "scaling", "mean"):
@@ -455,10 +737,10 @@ def check_model(model, eager) -> dict:
             for c, cfg in enumerate(configs):
                 if method == "mean":
                     with HeadAblator.from_configs(model, [cfg], "mean", mean_values=cache.head_means):
-                        lp = torch.log_softmax(_forward(model, enc), -1)
+                        lp = torch.log_softmax(_forward(model, enc, padded), -1)
                 else:
                     with ablated(model, cfg, method, 1e-5):
-                        lp = torch.log_softmax(_forward(model, enc), -1)
+                        lp = torch.log_softmax(_forward(model, enc, padded), -1)
                 kl = (clean.exp() * (clean - lp)).sum(-1)
                 worst = max(worst, float((result.logprobs[c].double() - lp).abs().max()),
                             float((result.kl[c] - kl).abs().max()))
@@ -485,7 +767,7 @@ def check_model(model, eager) -> dict:
             if (_logits(edited, ids) - hooked).abs().max() > TOL:
                 raise CheckFailed("surgery", f"{method}: the edited weights differ from the hook ablation")
         done.append("surgery")
-    return {"checks": done, "share_prefix": share_ok, "heads": [list(h) for h in heads],
+    return {"checks": done, "share_prefix": share_ok, "left_padding": padded, "heads": [list(h) for h in heads],
             "attention_layers": sorted(layout.attention_layers(model)),
             "n_layers": ablation.num_layers_heads(model)[0]}
 
@@ -539,7 +821,8 @@ def _classify(exc: BaseException) -> str:
     """The class of problem, one line."""
     from .errors import UnsupportedModelError
 
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    lines = [line.strip() for line in _cause(exc).splitlines() if line.strip()]  # a validator's cause, not its name
+    text = lines[0] if lines else type(exc).__name__
     if isinstance(exc, CheckFailed):
         return f"check '{exc.check}' failed: {exc.detail}"
     if isinstance(exc, UnsupportedModelError):
@@ -585,6 +868,10 @@ def check_type(model_type: str) -> dict:
         if any(s is False for s in shares):
             entry["share_prefix"] = False
             entry["reason"] = "shared-prefix replay off (its cache replay did not match a direct forward)"
+        if any(v.get("left_padding") is False for v in entry["variants"].values()):
+            entry["left_padding"] = False  # what prompts.pads_safely reads
+            note = "left padding changes its outputs: batches hold prompts of one length, unpadded"
+            entry["reason"] = f"{entry['reason']}; {note}" if entry["reason"] else note
         first = next(iter(entry["variants"].values()))
         if len(first["attention_layers"]) < first["n_layers"]:
             entry["hybrid"] = True

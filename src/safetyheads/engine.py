@@ -137,6 +137,35 @@ def _for_record(leaf: Any) -> Any:
     return _CACHE if isinstance(leaf, Cache) else leaf
 
 
+@dataclass
+class _Carried:
+    """A layer argument that is an extra output of the previous layer (HY V4 / GLM-DSA pass each
+    layer's sparse-attention top-k indices to the next as `prev_topk_indices`). It depends on the
+    ablation, so a replay takes it from the replayed previous layer's output `index`, not from
+    the clean record; `clean` (the recorded value) serves the rows that join at this layer."""
+
+    index: int  # position in the previous layer's output tuple (>= 1; 0 is the hidden state)
+    clean: torch.Tensor  # the clean pass's value, detached
+
+
+def _carried_outputs(obj: Any, previous: Any) -> Any:
+    """`obj` (a layer's recorded arguments) with every tensor that IS (same object) an extra output
+    of the previous layer replaced by a `_Carried` marker: that is how the model's own loop hands a
+    layer's result to the next one."""
+    if not isinstance(previous, (tuple, list)) or len(previous) < 2:
+        return obj
+    extra = {id(t): j for j, t in enumerate(previous) if j >= 1 and isinstance(t, torch.Tensor)}
+    if not extra:
+        return obj
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and id(x) in extra:
+            return _Carried(extra[id(x)], x.detach())
+        return x
+
+    return _tree_map(leaf, obj)
+
+
 def shared_prefix_length(model: nn.Module, tokens: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every prompt shares and the sweep can replay once per configuration
     (0 when it cannot). Each prompt keeps at least one token of its own (its last position is what
@@ -183,7 +212,7 @@ def _cache_kwarg(backbone: nn.Module) -> str:
 
 @torch.no_grad()
 def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_check: bool = True,
-            targets: torch.Tensor | None = None) -> CleanCache:
+            targets: torch.Tensor | None = None, left_padding: bool | None = None) -> CleanCache:
     """One clean forward over the prompts (grouped by length, unpadded), recording every decoder
     layer's inputs, the clean last-position log-probs and final-norm hidden states.
 
@@ -193,7 +222,9 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
 
     With `self_check` (default; always on in the CLI) the clean log-probs are then compared with
     the model's own forward on the same left-padded batch (`check_against_forward`), and a model
-    the engine does not reproduce raises UnsupportedModelError instead of being scored.
+    the engine does not reproduce raises UnsupportedModelError instead of being scored. A model
+    whose forward changes under left padding (`left_padding=False`; default: what the harness
+    found for its type, `prompts.pads_safely`) is checked on unpadded equal-length batches instead.
 
     `targets` [P, k] (token ids) turns on a teacher-forced readout: the prompts then end with the
     first k - 1 target tokens, position -k..-1 of prompt p predicts targets[p], and the cache keeps
@@ -232,11 +263,24 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
     n_layers, n_heads = ablation.num_layers_heads(model)
     record: dict[int, tuple] = {}
 
+    outputs: dict[int, Any] = {}  # each layer's output in the current forward (the next layer may take parts of it)
+
     def pre_hook(i):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            record[i] = (hidden.detach(), _tree_map(_for_record, tuple(args[1:])), _tree_map(_for_record, kw))
+            previous = outputs.pop(i - 1, None)
+            if i in record:
+                looped.add(i)
+            rest, kw = _carried_outputs(tuple(args[1:]), previous), _carried_outputs(kw, previous)
+            record[i] = (hidden.detach(), _tree_map(_for_record, rest), _tree_map(_for_record, kw))
+
+        return hook
+
+    def post_hook(i):
+        def hook(module, args, out):
+            if i + 1 < n_layers and isinstance(out, (tuple, list)) and len(out) > 1:
+                outputs[i] = out
 
         return hook
 
@@ -246,7 +290,12 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
                       clean_logits=logits)
 
     last_normed: list[torch.Tensor] = []
+    last_out: list[torch.Tensor] = []  # the last layer's output at the read positions [n, tail, D]
+    looped: set[int] = set()  # layers that ran more than once in one forward
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(post_hook(i)) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(
+        lambda m, a, out: last_out.append((out[0] if isinstance(out, (tuple, list)) else out)[:, -tail:].detach())))
     # the final norm's output (a model without one: the last layer's)
     tap = layers[-1] if isinstance(norm, layout._NoNorm) else getattr(norm, "tap", norm)
     handles.append(tap.register_forward_hook(
@@ -289,6 +338,7 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
                 else:
                     backbone(input_ids=ids, use_cache=False)  # the LM head runs below, at the last position only
                 normed = last_normed[-1]  # [n, tail, D]
+                _check_replayable(model, looped, last_out[-1], normed, norm)
                 hidden = normed[:, -1]  # [n, D]
                 if clean_targets is not None:
                     clean_targets[prompts] = _target_logprobs(model, normed, targets[prompts], transform).cpu()
@@ -304,9 +354,60 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
         for h in handles:
             h.remove()
     if self_check:
-        check_against_forward(model, encoded, clean_logprobs)
+        check_against_forward(model, encoded, clean_logprobs, left_padding=left_padding)
+    longest = max(range(P), key=lambda p: lengths[p])
+    shortcut = _tail_shortcut_holds(model, input_ids[longest:longest + 1, -int(lengths[longest]):].to(device), tail)
     return CleanCache(model, groups, clean_logprobs, clean_hidden, means, n_layers, n_heads, prefix=prefix,
-                      targets=targets, clean_target_logprobs=clean_targets)
+                      targets=targets, clean_target_logprobs=clean_targets, extra={"tail_shortcut": shortcut})
+
+
+def _rounding_tolerance(model: nn.Module) -> float:
+    """Relative gap two evaluations of the same computation may show (fewer rows in a matmul, a
+    norm run separately): separates rounding from a different result."""
+    return 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 2e-2
+
+
+def _check_replayable(model: nn.Module, looped: set[int], last_out: torch.Tensor, normed: torch.Tensor,
+                      norm: nn.Module) -> None:
+    """UnsupportedModelError unless a layer-by-layer replay reproduces this clean forward: every
+    decoder layer ran once (a looped / recurrent-depth model runs some several times, the replay
+    once each), and the final hidden state is the final norm of the last layer's output
+    (`last_out`, `normed`: [n, tail, D]). A backbone that does more in between, such as Inkling 2's
+    block attention residual over earlier layers' outputs or Gemma 3n's collapse of its AltUp
+    streams, is not a chain of layers the replay can rerun (a module there, like DeepSeek V4's
+    `hc_head`, is part of `layout.final_norm` instead)."""
+    if looped:
+        raise UnsupportedModelError(
+            f"looped layers: decoder layer {min(looped)} runs more than once per forward (a recurrent-depth "
+            "model), but the engine replays each layer once")
+    again = norm(last_out).float()
+    if again.shape != normed.shape or not bool(
+            ((again - normed.float()).abs().max() <= _rounding_tolerance(model) * max(1.0, float(normed.abs().max())))):
+        raise UnsupportedModelError(
+            "a backbone step before the final norm (cross-layer residuals, parallel streams collapsed): "
+            "the layer-by-layer replay would skip it")
+
+
+def _tail_shortcut_holds(model: nn.Module, ids: torch.Tensor, tail: int) -> bool:
+    """Whether `_last_position_only` leaves the model's last `tail` final hidden states as they are,
+    tried on one prompt `ids` [1, T]: it assumes nothing in the final layer reads its feed-forward
+    block's output at other positions, which a layer that mixes positions after that block breaks
+    (Inkling's short convolution `mlp_sconv`). Where it changes them, the sweep runs the block on
+    every position. The tolerance only has to separate rounding (a matmul over fewer rows) from a
+    changed result; a false "no" costs speed, never correctness."""
+    if ids.shape[1] <= tail:
+        return True
+    backbone = layout.decoder_backbone(model)
+
+    def last_hidden() -> torch.Tensor:
+        out = backbone(input_ids=ids, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden[:, -tail:].float()  # [1, tail, D]
+
+    whole = last_hidden()
+    with _last_position_only(layout.decoder_layers(model)[-1], tail):
+        short = last_hidden()
+    return bool(((short - whole).abs().max() <= _rounding_tolerance(model) * max(1.0, float(whole.abs().max()))))
 
 
 def _target_logprobs(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor, transform) -> torch.Tensor:
@@ -333,13 +434,14 @@ _SELF_CHECK_LOGIT_BYTES = 256 << 20  # all-position logits per forward, for a mo
 
 def _forward_kwargs(model: nn.Module) -> tuple[dict, bool, bool]:
     """(`logits_to_keep=1` where the model's forward takes it: the LM head on the last position
-    only, as in the engine; whether it did; whether the forward takes position_ids)."""
+    only, as in the engine; whether it did; whether the forward takes position_ids: not for a
+    model that numbers its positions itself, RoBERTa-style, as the engine's clean pass lets it)."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}, False, True
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    takes_positions = "position_ids" in params or takes_any
+    takes_positions = ("position_ids" in params or takes_any) and not layout.numbers_own_positions(model)
     for name in ("logits_to_keep", "num_logits_to_keep"):
         if name in params:
             return {name: 1}, True, takes_positions
@@ -348,7 +450,7 @@ def _forward_kwargs(model: nn.Module) -> tuple[dict, bool, bool]:
 
 @torch.no_grad()
 def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.Tensor,
-                          tolerance: float | None = None) -> float:
+                          tolerance: float | None = None, *, left_padding: bool | None = None) -> float:
     """Compare the engine's clean last-position log-probs [P, V] with `model`'s own forward on the
     same left-padded batch (mini-batches of up to MAX_GROUP prompts: one forward of the clean batch
     in all, the LM head at the last position only where the forward takes `logits_to_keep`); return the largest |Δ log p| over each prompt's top SELF_CHECK_TOP tokens of either side.
@@ -356,7 +458,13 @@ def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.
     Raises UnsupportedModelError when it exceeds `tolerance` (default: SELF_CHECK_TOLERANCE for
     the LM head's dtype): the engine re-implements the final norm + LM head and replays layers from
     recorded inputs, so anything the model's forward does that the engine does not (an LM-head
-    scaling it does not know, a looped layer, ...) would otherwise give wrong scores silently."""
+    scaling it does not know, a looped layer, ...) would otherwise give wrong scores silently.
+
+    `left_padding=False` (default: `prompts.pads_safely(model)`, what the harness found for the
+    type): the model's own forward changes under left padding, so it runs mini-batches of prompts
+    of one length, unpadded, as the engine's clean pass does."""
+    from .prompts import batch_rows, pads_safely
+
     input_ids = _field(encoded, "input_ids")
     mask = _field(encoded, "attention_mask")
     try:
@@ -375,12 +483,16 @@ def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.
     step = MAX_GROUP
     if not last_only:  # every position's logits come back: bound their memory
         step = max(1, min(MAX_GROUP, _SELF_CHECK_LOGIT_BYTES // (4 * input_ids.shape[1] * clean_logprobs.shape[-1])))
+    padded = pads_safely(model) if left_padding is None else bool(left_padding)
+    lengths = mask.sum(-1).tolist()
     worst = 0.0
-    for start in range(0, input_ids.shape[0], step):
-        rows = slice(start, start + step)
+    for batch in batch_rows(lengths, step, padded):
+        # padded: consecutive rows, every column; else rows of one length, their real columns only
+        rows = slice(batch[0], batch[-1] + 1) if padded else torch.tensor(batch)
+        cols = slice(None) if padded else slice(input_ids.shape[1] - int(lengths[batch[0]]), None)
         if takes_positions:
-            extra["position_ids"] = position_ids[rows].to(device)
-        out = model(input_ids=input_ids[rows].to(device), attention_mask=mask[rows].to(device),
+            extra["position_ids"] = position_ids[rows][:, cols].to(device)
+        out = model(input_ids=input_ids[rows][:, cols].to(device), attention_mask=mask[rows][:, cols].to(device),
                     use_cache=False, **extra)
         logits = out.logits if hasattr(out, "logits") else out[0]  # [n, 1 or T, V']
         ref = torch.log_softmax(logits[:, -1].double(), -1).cpu()  # [n, V'] float64
@@ -407,16 +519,31 @@ def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.
 # Replay
 # ----------------------------------------------------------------------------------------------
 
-def _for_replay(obj: Any, n: int, rows: int, kv: Any) -> Any:
+def _for_replay(obj: Any, n: int, rows: int, kv: Any, previous: Any = None) -> Any:
     """Recorded layer arguments for a replay of `rows` rows: tensors with the group's n prompts in
     their batch dimension repeated to `rows` (config-major: row c*n + p is prompt p; batch-1
     tensors broadcast, 1-D ones such as cache positions have no batch dimension), and the KV-cache
-    placeholder replaced by `kv`."""
+    placeholder replaced by `kv`. A group of one prompt cannot tell its batch-1 tensors from
+    broadcast ones, so they are all expanded to `rows` (a view): a per-token tensor the model
+    reshapes or concatenates with its batch (DeepSeek-V4's hash-routing input_ids, a mask it
+    extends with a compressor's per-row bias) must match the replay's rows, and a broadcast one
+    means the same at any batch size. A `_Carried` output of the previous layer comes from
+    `previous` (the replayed previous layer's output; None where the replay starts) for the rows
+    it has, from the clean record for the rows that join at this layer."""
     def leaf(x: Any) -> Any:
         if x is _CACHE:
             return kv
-        if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] == n and n > 1:
-            return x.repeat(rows // n, *([1] * (x.ndim - 1)))
+        if isinstance(x, _Carried):
+            clean = x.clean.repeat(rows // x.clean.shape[0], *([1] * (x.clean.ndim - 1)))  # [rows, ...]
+            if previous is None:
+                return clean
+            done = previous[x.index]  # [rows of the previous layer, ...]
+            return torch.cat([done, clean[done.shape[0]:]], dim=0) if done.shape[0] < rows else done
+        if isinstance(x, torch.Tensor) and x.ndim >= 2 and rows > 1:
+            if n > 1 and x.shape[0] == n:
+                return x.repeat(rows // n, *([1] * (x.ndim - 1)))
+            if n == 1 and x.shape[0] == 1:
+                return x.expand(rows, *x.shape[1:])
         return x
 
     return _tree_map(leaf, obj)
@@ -478,7 +605,10 @@ def _last_position_only(layer: nn.Module, tail: int = 1):
     whole = []  # set once the block turned out not to return a plain tensor
 
     def forward(x: torch.Tensor, *args, **kwargs):
-        if whole or x.ndim != 3 or x.shape[1] <= tail:
+        # a block fed other tensors too (ZAYA's router states carried across layers) cannot be cut
+        # to the last position without knowing their layout: it computes every position
+        if whole or x.ndim != 3 or x.shape[1] <= tail \
+                or any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):
             return original(x, *args, **kwargs)
         last = original(x[:, -tail:], *args, **kwargs)  # [rows, tail, D]
         if not isinstance(last, torch.Tensor):
@@ -510,6 +640,7 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
     ablator = HeadAblator.from_configs(model, configs, method, epsilon, repeat=n,
                                        mean_values=cache.head_means if methods.get(method).acts_on == "mean" else None)
     hidden: torch.Tensor | None = None  # [rows, T, D]
+    previous: Any = None  # the replayed previous layer's output (its extra parts may feed this layer)
     joined = 0
     with ablator:
         for layer in range(starts[0], cache.n_layers):
@@ -523,10 +654,12 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
                 joined += k
             rows = hidden.shape[0]
             ablator.batch_rows = rows
-            last = layer == cache.n_layers - 1 and group.clean_logits is not None
+            last = (layer == cache.n_layers - 1 and group.clean_logits is not None
+                    and cache.extra.get("tail_shortcut", True))
             with _last_position_only(layers[layer], cache.tail) if last else contextlib.nullcontext():
-                out = layers[layer](hidden, *_for_replay(group.args[layer], n, rows, kv),
-                                    **_for_replay(group.kwargs[layer], n, rows, kv))
+                out = layers[layer](hidden, *_for_replay(group.args[layer], n, rows, kv, previous),
+                                    **_for_replay(group.kwargs[layer], n, rows, kv, previous))
+            previous = out if isinstance(out, (tuple, list)) else None
             hidden = out[0] if isinstance(out, (tuple, list)) else out
     if group.clean_logits is None:
         return None

@@ -41,7 +41,7 @@ from .heads import heads_text
 from .errors import UsageError
 from .generation import DEFAULT_MAX_ROWS, check_decoding, generate_conditions, resolve_seed
 from .judges import DEFAULT_JUDGE, Judge, KeywordJudge, attack_success_rate, get_judge
-from .results import LAYER_MATCHED, RANDOM
+from .results import LAYER_MATCHED, RANDOM, is_random_ranking
 
 Head = tuple[int, int]
 BASELINE = "baseline"
@@ -61,6 +61,7 @@ class EvalResult:
     lm_eval: dict | None = None
     seed: int | None = None
     judge_agreement: pd.DataFrame | None = None  # pairwise Cohen's kappa when several judges ran
+    found_vs_random: pd.DataFrame | None = None  # found heads vs the random draws of the same K (found_vs_random)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,19 +365,25 @@ def _row_key(gen_key: str, dataset: str, prompt_id, prompt: str, condition_key: 
 def last_token_logprobs(model, tokenizer, prompts: Sequence[str], *, fmt: str, system_prompt=None,
                         batch_size: int = 16, chat_template_kwargs: dict | None = None) -> torch.Tensor:
     """Next-token log-probabilities at the last prompt position, float32. [P, V]
-    (`chat_template_kwargs`: the chat format's template variables, as in `generate_responses`)."""
-    from .prompts import encode, format_prompts
+    (`chat_template_kwargs`: the chat format's template variables, as in `generate_responses`;
+    a model whose outputs change under left padding gets batches of prompts of one length,
+    `prompts.pads_safely`)."""
+    from .prompts import batch_rows, encode, format_prompts, pads_safely
 
     texts = format_prompts(tokenizer, list(prompts), fmt, system_prompt=system_prompt,
                            chat_template_kwargs=chat_template_kwargs)
     device = next(model.parameters()).device
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        enc = encode(tokenizer, texts[start:start + batch_size], device=device)
+    everything = encode(tokenizer, texts)  # [P, T] left padded; a batch keeps only its own columns
+    out: torch.Tensor | None = None
+    for rows in batch_rows(everything.attention_mask.sum(-1).tolist(), batch_size, pads_safely(model)):
+        enc = everything[torch.tensor(rows)].to(device)
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                        position_ids=enc.position_ids, use_cache=False, logits_to_keep=1).logits  # [B, 1, V]
-        chunks.append(torch.log_softmax(logits[:, -1].float(), dim=-1).cpu())  # left padded: -1 is the last token
-    return torch.cat(chunks)
+        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # [B, V]; left padded: -1 is the last token
+        if out is None:
+            out = lp.new_empty(len(texts), lp.shape[-1])
+        out[rows] = lp
+    return out
 
 
 def distribution_shift(clean: torch.Tensor, ablated: torch.Tensor) -> tuple[float, float]:
@@ -484,6 +491,51 @@ def asr_table(gens: pd.DataFrame, judge_names: Sequence[str]) -> pd.DataFrame:
     for col in ("newly_jailbroken", "newly_refused", "k", "draw"):
         table[col] = table[col].astype("Int64")
     return table if tags else table.drop(columns=TAG_COLUMNS)
+
+
+FOUND_VS_RANDOM_COLUMNS = ["dataset", "judge", "method", "ranking", "k", "heads", "n", "asr_found", "asr_random",
+                           "asr_random_min", "asr_random_max", "n_draws", "difference", "p_value"]
+
+
+def found_vs_random(gens: pd.DataFrame, judge_names: Sequence[str]) -> pd.DataFrame:
+    """Do the found heads beat random heads? For every ranking's top K and the random draws of the
+    same method and K (`--random K --repeats R`), on the same prompts: the found ASR, the random draws'
+    mean (and range), and the paired sign-flip permutation p-value (`stats.paired_permutation_p`) of
+    d_p = found verdict − mean random verdict over the prompts with parsed verdicts in both
+    (`found_vs_random.csv`). It compares with these R draws: with few draws it says whether the found
+    heads beat them, not the whole population of random head sets."""
+    from .stats import paired_permutation_p
+
+    if not {"ranking", "k"} <= set(gens.columns):
+        return pd.DataFrame(columns=FOUND_VS_RANDOM_COLUMNS)
+    pair_key = next((c for c in ("prompt_id", "prompt") if c in gens.columns), None)
+    ablated = gens[gens["condition"] == ABLATED]
+    rows = []
+    for judge in judge_names:
+        verdict = ablated[f"_v_{judge}"].map(lambda v: None if v.jailbroken is None else float(bool(v.jailbroken)))
+        frame = ablated.assign(_j=verdict, _p=ablated[pair_key] if pair_key else range(len(ablated)))
+        for (dataset, method, k), group in frame.groupby(["dataset", "method", "k"], dropna=True, sort=False):
+            random = group[group["ranking"] == RANDOM]
+            if random.empty:
+                continue
+            # per prompt: the mean verdict over the draws that could be judged
+            rand_by_prompt = random.dropna(subset=["_j"]).groupby("_p")["_j"].mean()
+            draw_asr = random.dropna(subset=["_j"]).groupby("draw")["_j"].mean()
+            for ranking, found in group[~group["ranking"].map(is_random_ranking)].groupby("ranking", sort=False):
+                found_by_prompt = found.dropna(subset=["_j"]).set_index("_p")["_j"]
+                common = found_by_prompt.index.intersection(rand_by_prompt.index)
+                diffs = (found_by_prompt[common] - rand_by_prompt[common]).to_numpy()
+                rows.append({"dataset": dataset, "judge": judge, "method": method, "ranking": ranking, "k": k,
+                             "heads": found["heads"].iloc[0], "n": len(common),
+                             "asr_found": float(found_by_prompt[common].mean()) if len(common) else float("nan"),
+                             "asr_random": float(rand_by_prompt[common].mean()) if len(common) else float("nan"),
+                             "asr_random_min": float(draw_asr.min()), "asr_random_max": float(draw_asr.max()),
+                             "n_draws": int(random["draw"].nunique()),
+                             "difference": float(diffs.mean()) if len(diffs) else float("nan"),
+                             "p_value": paired_permutation_p(diffs)})
+    table = pd.DataFrame(rows, columns=FOUND_VS_RANDOM_COLUMNS)
+    table["k"] = table["k"].astype("Int64")
+    return table
 
 
 AGREEMENT_COLUMNS = ["dataset", "judge_a", "judge_b", "n", "both_jailbroken", "only_a", "only_b", "neither",
@@ -671,6 +723,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         harmful[f"_v_{judge.name}"] = [by_pair[p] for p in pairs]
     asr = asr_table(harmful, judge_names)
     agreement = judge_agreement(harmful, judge_names) if len(judge_names) > 1 else None
+    versus = found_vs_random(harmful, judge_names)
 
     # 3. helpfulness on the harmless set
     help_df, lm_eval_res = None, None
@@ -696,6 +749,9 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         if agreement is not None:
             run.write_table("judge_agreement", agreement, formats=("csv",))
             outputs.append("judge_agreement.csv")
+        if len(versus):
+            run.write_table(files.FOUND_VS_RANDOM, versus, formats=("csv",))
+            outputs.append(files.csv(files.FOUND_VS_RANDOM))
         if set(asr["ranking"]) - {BASELINE, "ablate"}:  # rankings or random draws: a dose-response
             from .plots import dose_response
 
@@ -713,7 +769,7 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
                                            "asr_high", "mcnemar_p", "ranking", "k", "draw")}
                         for r in overall.to_dict("records")])
     return EvalResult(run_dir=run_path, asr=asr, helpfulness=help_df, generations=out_gens, ablations=ablations,
-                      lm_eval=lm_eval_res, seed=seed, judge_agreement=agreement)
+                      lm_eval=lm_eval_res, seed=seed, judge_agreement=agreement, found_vs_random=versus)
 
 
 def _json_line(record: dict) -> str:

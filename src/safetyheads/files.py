@@ -15,6 +15,7 @@ REFUSAL_PER_PROMPT = "refusal_per_prompt"
 REFUSAL_PROMPTS = "refusal_prompts"    # prompt_id, refused, used, why, response
 ASR = "asr"
 HELPFULNESS = "helpfulness"
+FOUND_VS_RANDOM = "found_vs_random"    # dataset, judge, method, ranking, k, ..., asr_found, asr_random, p_value
 GENERATIONS = "generations.jsonl"
 
 #: Tables a head ranking can be read from (evaluate --from, the report), most specific first.

@@ -120,8 +120,10 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, max_new_tokens: in
     """Generate continuations of already formatted `texts`, batched and left-padded, KV cache on.
 
     Texts are sorted by length so each batch carries little padding; the output is in input order.
+    A model whose outputs change under left padding (`prompts.pads_safely`: BART-style positions,
+    recurrences) gets batches of texts of one length only, no padding.
     On CUDA out-of-memory the batch size is halved and the batch retried."""
-    from .prompts import encode
+    from .prompts import encode, pads_safely
 
     check_decoding(max_new_tokens, greedy, top_k, temperature)
     if batch_size < 1:
@@ -133,6 +135,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, max_new_tokens: in
 
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: OOM shows up at once
+    padded = pads_safely(model)
     results: dict[int, tuple[list[int], bool]] = {}
     bar = tqdm(total=len(texts), desc=desc, disable=not progress, unit="prompt")
     stop_set = set(stop_ids)
@@ -140,7 +143,10 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, max_new_tokens: in
         start = 0
         while start < len(order):
             idx = order[start:start + batch_size]
+            if not padded:  # sorted by length: the texts of the first one's length lead
+                idx = [i for i in idx if lengths[i] == lengths[idx[0]]]
             enc = encode(tokenizer, [texts[i] for i in idx], device=device)
+            _check_unpadded(enc, padded)
             try:
                 out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                                      generation_config=gc)
@@ -159,6 +165,14 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, max_new_tokens: in
 
     return _generations(tokenizer, [results[i] for i in range(len(texts))], seed,
                         _settings(max_new_tokens, greedy, top_k, temperature, seed, stop_ids))
+
+
+def _check_unpadded(enc, padded: bool) -> None:
+    """A batch for a model that must not see padding has none (texts of one length can still
+    tokenise to different lengths in a batch when special tokens differ between them)."""
+    if not padded and not bool(enc.attention_mask.bool().all()):
+        raise UsageError("this model's outputs change under left padding, and prompts of one length "
+                         "tokenised to different lengths in a batch; use a batch size of 1")
 
 
 def _cut_at_stop(ids: list[int], stop_set: set[int]) -> tuple[list[int], bool]:
@@ -356,8 +370,11 @@ def generate_conditions(model, tokenizer, prompts: Sequence[str], conditions: Se
     its means are per condition (ConditionAblator). Sampled outputs depend on which rows share a
     call (one random stream per call, seeded with `seed`), so they differ from per-condition
     sampling; they are reproducible for the same prompts, conditions and `max_rows`.
+    A model whose outputs change under left padding (`prompts.pads_safely`) gets calls over the
+    prompts of one length at a time instead (no padding); `mean` then averages over those prompts,
+    as `generate_responses` does for the same batches.
     On CUDA out-of-memory the conditions per call are halved and the call retried."""
-    from .prompts import encode, format_prompts, template_kwargs
+    from .prompts import batch_rows, encode, format_prompts, pads_safely, template_kwargs
 
     check_decoding(max_new_tokens, greedy, top_k, temperature)
     if max_rows < 1:
@@ -374,35 +391,42 @@ def generate_conditions(model, tokenizer, prompts: Sequence[str], conditions: Se
     P = len(texts)
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     order = sorted(range(P), key=lambda i: -lengths[i])  # the row order generate_texts uses
-    enc = encode(tokenizer, [texts[i] for i in order], device=device)  # [P, T]
-    width = enc.input_ids.shape[1]
-    per_call = max(1, max_rows // P)
+    padded = pads_safely(model)
+    # the prompts of each call (positions in `order`): all of them, or those of one length
+    parts = batch_rows([lengths[i] for i in order], P, padded)
     results: list[list] = [[None] * P for _ in conds]
     stop_set = set(stop_ids)
     bar = tqdm(total=len(conds) * P, desc=desc, disable=not progress, unit="answer")
     with _sampling_rng(seed, device), torch.inference_mode():
-        start = 0
-        while start < len(conds):
-            chunk = conds[start:start + per_call]
-            n = len(chunk)
-            ablator = ConditionAblator(model, chunk, P)
-            ctx = ablator if ablator.active else contextlib.nullcontext()
-            try:
-                with ctx:
-                    out = model.generate(input_ids=enc.input_ids.repeat(n, 1),  # [n*P, T], row c*P + p
-                                         attention_mask=enc.attention_mask.repeat(n, 1), generation_config=gc)
-            except torch.cuda.OutOfMemoryError:
-                if per_call == 1:
-                    raise
-                per_call = max(1, per_call // 2)
-                torch.cuda.empty_cache()
-                continue
-            new = out.sequences[:, width:].tolist()  # [n*P, new_tokens]
-            for r, ids in enumerate(new):
-                c, j = divmod(r, P)
-                results[start + c][order[j]] = _cut_at_stop(ids, stop_set)
-            bar.update(n * P)
-            start += n
+        for part in parts:
+            members = [order[j] for j in part]  # prompt indices, longest first
+            Pg = len(members)
+            enc = encode(tokenizer, [texts[i] for i in members], device=device)  # [Pg, T]
+            _check_unpadded(enc, padded)
+            width = enc.input_ids.shape[1]
+            per_call = max(1, max_rows // Pg)
+            start = 0
+            while start < len(conds):
+                chunk = conds[start:start + per_call]
+                n = len(chunk)
+                ablator = ConditionAblator(model, chunk, Pg)
+                ctx = ablator if ablator.active else contextlib.nullcontext()
+                try:
+                    with ctx:
+                        out = model.generate(input_ids=enc.input_ids.repeat(n, 1),  # [n*Pg, T], row c*Pg + p
+                                             attention_mask=enc.attention_mask.repeat(n, 1), generation_config=gc)
+                except torch.cuda.OutOfMemoryError:
+                    if per_call == 1:
+                        raise
+                    per_call = max(1, per_call // 2)
+                    torch.cuda.empty_cache()
+                    continue
+                new = out.sequences[:, width:].tolist()  # [n*Pg, new_tokens]
+                for r, ids in enumerate(new):
+                    c, j = divmod(r, Pg)
+                    results[start + c][members[j]] = _cut_at_stop(ids, stop_set)
+                bar.update(n * Pg)
+                start += n
     bar.close()
 
     settings = {**_settings(max_new_tokens, greedy, top_k, temperature, seed, stop_ids),

@@ -8,6 +8,12 @@ from the modelling files of the installed transformers (5.x), fits one form:
 
     z = softcap(scale · W(hidden_scale · h)[:vocab])      softcap(x) = cap · tanh(x / cap)
 
+where W is the output embedding, or, for BERT / RoBERTa-style heads, the model's own LM-head
+module around it: a transform (dense + activation + LayerNorm) and then the output embedding
+(`cls.predictions`, `lm_head`, ELECTRA's `generator_predictions` + `generator_lm_head`). Such a
+head is found generically: the output embedding nested inside a direct child of the CausalLM
+(`LogitTransform.head`).
+
 `logit_transform(model)` says which numbers a model uses (for the gradient screen's Jacobian as
 well as for the engine); `logits(model, hidden)` applies them. Families not listed in `_RULES`
 get the Gemma-style `final_logit_softcapping` of their own config when it has one (the
@@ -18,6 +24,7 @@ does not know is refused rather than scored wrongly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -36,11 +43,16 @@ class LogitTransform:
     scale: float = 1.0  # W(h) × this (Cohere logit_scale, Granite 1 / logits_scaling, Falcon-H1 lm_head_multiplier)
     softcap: float | None = None  # then cap · tanh(z / cap) (Gemma 2 / 3 text / 3n / 4, RecurrentGemma ...)
     vocab: int | None = None  # keep the first `vocab` logits only (Inkling's padded vocabulary)
+    # the model's own LM-head modules (dotted paths, applied in order) in place of the output
+    # embedding alone: BERT's ("cls",), RoBERTa's ("lm_head",), ELECTRA's two; () = the output embedding
+    head: tuple[str, ...] = ()
+    nonlinear: bool = False  # `head` holds a transform (dense + activation + LayerNorm) before W
 
     @property
     def identity(self) -> bool:
         """True when the logits are W(h) itself."""
-        return self.hidden_scale == 1.0 and self.scale == 1.0 and self.softcap is None and self.vocab is None
+        return (self.hidden_scale == 1.0 and self.scale == 1.0 and self.softcap is None and self.vocab is None
+                and not self.head)
 
     def apply(self, raw: torch.Tensor) -> torch.Tensor:
         """Post-process raw = W(hidden_scale · h) [..., V_W] into the model's logits, in float32
@@ -134,9 +146,13 @@ def _inkling2(model: nn.Module) -> LogitTransform:
 
 
 def _inkling(model: nn.Module) -> LogitTransform:
-    # Inkling: logits[..., :unpadded_vocab_size] when that is smaller than the LM head
-    value = getattr(_text(model), "unpadded_vocab_size", None)
-    return LogitTransform(vocab=None if value is None else int(value))
+    # Inkling: `last_hidden_state / config.logits_mup_width_multiplier` before the LM head, then
+    # logits[..., :unpadded_vocab_size] when that is smaller than the LM head
+    text = _text(model)
+    value = getattr(text, "unpadded_vocab_size", None)
+    mup = getattr(text, "logits_mup_width_multiplier", None)
+    return LogitTransform(hidden_scale=1.0 if mup is None else 1.0 / _number(mup, "logits_mup_width_multiplier"),
+                          vocab=None if value is None else int(value))
 
 
 def _recurrent_gemma(model: nn.Module) -> LogitTransform:
@@ -149,6 +165,12 @@ def _muse(model: nn.Module) -> LogitTransform:
     text = _text(model)
     return LogitTransform(scale=_number(text.output_multiplier, "output_multiplier"),
                           softcap=_cap(text.final_logit_softcapping))
+
+
+def _electra(model: nn.Module) -> LogitTransform:
+    # ElectraForCausalLM: `self.generator_lm_head(self.generator_predictions(hidden_states))`, two
+    # sibling modules (dense + activation + LayerNorm, then the output embedding)
+    return LogitTransform(head=("generator_predictions", "generator_lm_head"), nonlinear=True)
 
 
 def _none(model: nn.Module) -> LogitTransform:
@@ -171,7 +193,40 @@ _RULES: dict[str, Callable[[nn.Module], LogitTransform]] = {
     "recurrent_gemma": _recurrent_gemma,
     **dict.fromkeys(("muse_spark", "muse_glimmer"), _muse),
     "gemma3": _none,
+    "electra": _electra,
 }
+
+
+def _own_head(model: nn.Module) -> LogitTransform:
+    """The LM-head module a CausalLM applies where its output embedding is nested in a direct
+    child of it (BERT's `cls.predictions.decoder`, RoBERTa's `lm_head.decoder`): that child's own
+    forward, i.e. its transform (dense + activation + LayerNorm) and then the output embedding.
+    A head whose other sub-modules hold no parameters (BertGeneration's) is still linear."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(out, nn.Module):
+        return LogitTransform()
+    for name, child in model.named_children():
+        if child is out:
+            return LogitTransform()  # the usual `lm_head` Linear: W itself
+        if any(m is out for m in child.modules()):
+            if _holds_backbone(child, model):
+                return LogitTransform()  # inside the backbone's own modules, not a head of its own
+            nonlinear = any(p.numel() for sub in child.modules() if sub is not out and sub is not child
+                            and not any(m is out for m in sub.modules()) for p in sub.parameters(recurse=False))
+            return LogitTransform(head=(name,), nonlinear=nonlinear)
+    return LogitTransform()
+
+
+def _holds_backbone(module: nn.Module, model: nn.Module) -> bool:
+    """Whether `module` holds the decoder layers (the output embedding found inside the backbone
+    is no head of its own)."""
+    from .layout import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except UnsupportedModelError:
+        return False
+    return any(m is layers for m in module.modules())
 
 
 def logit_transform(model: nn.Module) -> LogitTransform:
@@ -183,8 +238,25 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     its forward says so (a rule above)."""
     rule = _RULES.get(getattr(model.config, "model_type", None))
     if rule is not None:
-        return rule(model)
-    return LogitTransform(softcap=_cap(getattr(model.config, "final_logit_softcapping", None)))
+        t = rule(model)
+    else:
+        t = LogitTransform(softcap=_cap(getattr(model.config, "final_logit_softcapping", None)))
+    if not t.head:
+        own = _own_head(model)
+        if own.head:
+            t = dataclasses.replace(t, head=own.head, nonlinear=own.nonlinear)
+    return t
+
+
+def _raw(model: nn.Module, hidden: torch.Tensor, t: LogitTransform) -> torch.Tensor:
+    """W(hidden) [..., V_W]: the output embedding, or the model's own head modules in order."""
+    if not t.head:
+        return model.get_output_embeddings()(hidden)
+    x = hidden
+    for path in t.head:
+        x = model.get_submodule(path)(x)
+        x = x[0] if isinstance(x, (tuple, list)) else x
+    return x
 
 
 def logits(model: nn.Module, hidden: torch.Tensor, transform: LogitTransform | None = None) -> torch.Tensor:
@@ -193,7 +265,7 @@ def logits(model: nn.Module, hidden: torch.Tensor, transform: LogitTransform | N
     t = logit_transform(model) if transform is None else transform
     if t.hidden_scale != 1.0:
         hidden = hidden * t.hidden_scale
-    return t.apply(model.get_output_embeddings()(hidden))
+    return t.apply(_raw(model, hidden, t))
 
 
 def logits_and_slope(model: nn.Module, hidden: torch.Tensor,
@@ -203,6 +275,10 @@ def logits_and_slope(model: nn.Module, hidden: torch.Tensor,
     gradient-based screen that builds the Jacobian from W instead of autograd). The slope folds
     in the hidden and logit scales and soft-capping's 1 - tanh²."""
     t = logit_transform(model) if transform is None else transform
+    if t.nonlinear:
+        raise UnsupportedModelError(
+            f"LM head not linear: {type(model).__name__} applies a dense + activation + LayerNorm transform "
+            "before its output embedding, so the gradient screen's closed-form Jacobian (slope · W) does not hold")
     z = logits(model, hidden, t)
     if t.hidden_scale == 1.0 and t.scale == 1.0 and t.softcap is None:
         return z, None

@@ -1,7 +1,8 @@
 """Prompt formats (chat / paper / reference / raw) and batched, left-padded tokenisation.
 
 Left padding puts every prompt's last real token at position -1, so "the next-token distribution" is always
-`logits[:, -1]`, and generation continues every row from the same column.
+`logits[:, -1]`, and generation continues every row from the same column. Models whose own outputs change
+under left padding (`pads_safely`) get batches of equal-length prompts instead (`batch_rows`).
 """
 
 from __future__ import annotations
@@ -142,6 +143,33 @@ def position_ids_from_mask(attention_mask):
     """0 at the first real token of each row; pads get 1 (same as transformers' generate: cumsum - 1, masked fill)."""
     pos = attention_mask.long().cumsum(-1) - 1  # [B, T]
     return pos.masked_fill(attention_mask == 0, 1)
+
+
+def pads_safely(model) -> bool:
+    """Whether `model`'s own forward gives each prompt of a left-padded batch what the prompt gives
+    alone. True unless the architecture harness found otherwise for its type (the `left_padding`
+    entry of docs/architectures.md): a position embedding that counts the pads (BART-style learned
+    positions from `arange`, ignoring position_ids), or a state that runs over the pads whatever the
+    mask says (a recurrence, DeepSeek-V4's compressor windows, fixed in token columns). Such a
+    model is only ever fed batches of prompts of one length (`batch_rows`), never padding."""
+    from .ablation import architecture_matrix  # here: prompts.py is read by the CLI's --help, which needs no torch
+
+    entry = architecture_matrix().get(getattr(getattr(model, "config", None), "model_type", None), {})
+    return entry.get("left_padding") is not False
+
+
+def batch_rows(lengths: Sequence[int], size: int, padded: bool = True) -> list[list[int]]:
+    """Row indices in batches of at most `size`, in the order given. With `padded` (the common
+    path) consecutive rows, whatever their lengths; without, a batch holds rows of one length only
+    (each length's rows in order of first appearance), so slicing it (`Encoded[rows]`) leaves no pad."""
+    if size < 1:
+        raise UsageError(f"batch size must be at least 1 (got {size})")
+    if padded:
+        return [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]
+    by_length: dict[int, list[int]] = {}
+    for row, n in enumerate(lengths):
+        by_length.setdefault(int(n), []).append(row)
+    return [rows[i:i + size] for rows in by_length.values() for i in range(0, len(rows), size)]
 
 
 def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> Encoded:

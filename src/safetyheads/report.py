@@ -409,21 +409,41 @@ def _section_asr(page: _Page, evals: list[EvalRun]) -> str:
         if {"asr_low", "asr_high"} <= set(rows.columns):
             table["95% CI"] = _intervals(rows)
     parts.append(_table(table, floatfmt="{:.3f}"))
+    parts += _found_vs_random(evals)
     parts += _judge_agreement(evals)
     return "".join(parts)
 
 
+def _runs_table(evals: list[EvalRun], attr: str, cols: list[str]) -> pd.DataFrame | None:
+    """One evaluation table (`attr` of each EvalRun) over all runs, a `run` column only when several."""
+    frames = [getattr(run, attr).assign(run=run.path.name) for run in evals if getattr(run, attr) is not None]
+    if not frames:
+        return None
+    table = pd.concat(frames, ignore_index=True)
+    table = table[[c for c in ["run", *cols] if c in table.columns]]
+    return table.drop(columns="run") if table["run"].nunique() == 1 else table
+
+
+def _found_vs_random(evals: list[EvalRun]) -> list[str]:
+    """Found heads against the random draws of the same K (found_vs_random.csv of each run)."""
+    table = _runs_table(evals, "found_vs_random", ["dataset", "judge", "method", "ranking", "k", "n", "asr_found",
+                                                   "asr_random", "asr_random_min", "asr_random_max", "n_draws",
+                                                   "difference", "p_value"])
+    if table is None:
+        return []
+    return ["<h3>Found heads vs random heads</h3><p>Each ranking's top K against the random draws of the same "
+            "method and K, on the same prompts: asr_random is the draws' mean (min–max over the draws), "
+            "difference the mean over prompts of (found verdict − mean random verdict), p_value its paired "
+            "sign-flip permutation test. With few draws this compares with those draws, not with every "
+            "possible random head set.</p>", _table(table, floatfmt="{:.3f}")]
+
+
 def _judge_agreement(evals: list[EvalRun]) -> list[str]:
     """Pairwise agreement of the judges (judge_agreement.csv of each run that ran several)."""
-    frames = [run.judge_agreement.assign(run=run.path.name) for run in evals if run.judge_agreement is not None]
-    if not frames:
+    table = _runs_table(evals, "judge_agreement", ["dataset", "judge_a", "judge_b", "n", "both_jailbroken", "only_a",
+                                                   "only_b", "neither", "agreement", "kappa", "n_unparsed"])
+    if table is None:
         return []
-    table = pd.concat(frames, ignore_index=True)
-    cols = ["run", "dataset", "judge_a", "judge_b", "n", "both_jailbroken", "only_a", "only_b", "neither", "agreement",
-            "kappa", "n_unparsed"]
-    table = table[[c for c in cols if c in table.columns]]
-    if table["run"].nunique() == 1:
-        table = table.drop(columns="run")
     return ["<h3>Agreement between judges</h3><p>Jailbroken verdicts of each pair of judges on the same generations "
             "(every prompt under every condition; rows either judge could not parse are left out and counted in "
             "n_unparsed). kappa: Cohen's κ from the 2×2 table (1 = full agreement, 0 = what the two judges' own "

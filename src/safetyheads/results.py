@@ -171,6 +171,7 @@ class EvalRun:
     helpfulness: pd.DataFrame | None
     generations: list[dict]
     judge_agreement: pd.DataFrame | None = None  # judge_agreement.csv: pairwise Cohen's kappa of the judges
+    found_vs_random: pd.DataFrame | None = None  # found_vs_random.csv: found heads vs random draws of the same K
 
     @property
     def label(self) -> str:
@@ -309,9 +310,11 @@ def load_eval_run(run: Path, manifest: dict) -> EvalRun | None:
     heads = record.heads or ablated.get("heads")
     model = record.model_name or ""
     agreement = _read_csv(run / "judge_agreement.csv", ("judge_a", "judge_b", "kappa"))
+    versus = _read_csv(run / files.csv(files.FOUND_VS_RANDOM), ("ranking", "k", "asr_found", "asr_random", "p_value"))
     return EvalRun(
         path=run, manifest=manifest, model=str(model), method=str(method), heads=format_heads(heads),
         asr=asr, helpfulness=helpfulness, generations=generations, judge_agreement=agreement,
+        found_vs_random=versus,
     )
 
 
@@ -319,9 +322,20 @@ def _is_run(path: Path) -> bool:
     return (path / "manifest.json").exists() or any((path / f).exists() for f in SCORES_FILES + EVAL_FILES)
 
 
+def _runs_under(folder: Path, depth: int = 3) -> list[Path]:
+    """Run folders inside `folder`, a few levels down (a run's own subfolders are not searched)."""
+    out: list[Path] = []
+    for child in sorted(c for c in folder.iterdir() if c.is_dir()):
+        if _is_run(child):
+            out.append(child)
+        elif depth > 1:
+            out.extend(_runs_under(child, depth - 1))
+    return out
+
+
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """The run folders given, or, for a folder that is not a run itself, the runs directly inside it
-    (so `report runs/demo` works on a folder of runs)."""
+    """The run folders given, or, for a folder that is not a run itself, the runs inside it, up to
+    three levels down (so `report runs/demo` works on a folder of runs, and of folders of runs)."""
     out: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
@@ -329,7 +343,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         if _is_run(p):
             out.append(p)
             continue
-        inner = sorted(c for c in p.iterdir() if c.is_dir() and _is_run(c))
+        inner = _runs_under(p)
         if not inner:
             raise UsageError(f"{p} is not a run folder (no manifest.json, generalized_ships.csv or asr.csv)")
         out.extend(inner)

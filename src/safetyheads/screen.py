@@ -444,7 +444,10 @@ class Screener:
         self.model, self.encoded, self.method, self.epsilon = model, encoded, method, float(epsilon)
         self.probes, self.random_probes = probes, random_probes
         self.n_layers, self.n_heads = ablation.num_layers_heads(model)
-        self.slices = _batches(self.n_prompts, batch_size)
+        from .prompts import pads_safely
+
+        # a slice is one left-padded batch; a model whose outputs change under padding gets one prompt a slice
+        self.slices = _batches(self.n_prompts, batch_size if pads_safely(model) else 1)
         self.device = next(model.parameters()).device
         self.result = ScreenResult(method=method, epsilon=float(epsilon), n_layers=self.n_layers,
                                    n_heads=self.n_heads, rank=rank, center=center,

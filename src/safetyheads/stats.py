@@ -53,3 +53,23 @@ def cohen_kappa(both: int, only_a: int, only_b: int, neither: int) -> float:
     if p_e >= 1.0:
         return math.nan
     return (p_o - p_e) / (1 - p_e)
+
+
+def paired_permutation_p(differences, n_resamples: int = 9999, seed: int = 0) -> float:
+    """Two-sided p-value of mean(d) = 0 for paired differences d (one per prompt) by a sign-flip
+    permutation test (scipy's `permutation_test`, permutation_type="samples"): exact when
+    2^n ≤ n_resamples, otherwise Monte Carlo with a fixed seed (the same p on every rerun). Used to
+    compare found heads with random heads on the same prompts: d_p = found verdict − mean of the random
+    draws' verdicts on prompt p. nan with no pairs; 1.0 when every difference is 0."""
+    import numpy as np
+    from scipy.stats import permutation_test
+
+    d = np.asarray(differences, dtype=float)
+    if d.size == 0:
+        return math.nan
+    if not np.any(d):
+        return 1.0
+    res = permutation_test((d, np.zeros_like(d)), lambda x, y, axis: np.mean(x - y, axis=axis),
+                           permutation_type="samples", vectorized=True, n_resamples=n_resamples,
+                           alternative="two-sided", random_state=np.random.default_rng(seed))
+    return float(res.pvalue)

@@ -18,12 +18,13 @@ from safetyheads.evaluate import (
     asr_table,
     build_ablations,
     evaluate,
+    found_vs_random,
     random_heads,
     ranked_heads,
     ranking_file,
 )
 from safetyheads.judges import Verdict
-from safetyheads.stats import mcnemar_exact, wilson_interval
+from safetyheads.stats import mcnemar_exact, paired_permutation_p, wilson_interval
 
 # --- the statistics against oracles that do not use our code -------------------------------------
 
@@ -90,6 +91,52 @@ def test_asr_table_stats_pair_prompts_and_skip_unparsed():
     assert (a["ranking"], a["k"], a["draw"]) == ("random", 1, 1)
     assert list(full.columns[:10]) == ["dataset", "category", "condition", "heads", "method", "epsilon",
                                                      "judge", "n", "asr", "n_unparsed"]  # the old columns first
+
+
+def _sign_flip_p(d) -> float:
+    """Exact two-sided sign-flip p-value by enumerating all 2^n sign patterns (oracle)."""
+    import itertools
+
+    d = np.asarray(d, float)
+    observed = abs(d.mean())
+    flips = [abs((d * np.array(s)).mean()) for s in itertools.product((1, -1), repeat=len(d))]
+    return sum(f >= observed - 1e-12 for f in flips) / len(flips)
+
+
+@pytest.mark.parametrize("d", [[1, 1, 1, 0, 1, -1 / 3, 2 / 3, 0], [1, -1, 1, -1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+def test_paired_permutation_p_is_the_exact_sign_flip_test(d):
+    assert paired_permutation_p(d) == pytest.approx(_sign_flip_p(d), rel=1e-9)
+    assert paired_permutation_p([0, 0, 0]) == 1.0 and math.isnan(paired_permutation_p([]))
+
+
+def test_found_vs_random_pairs_prompts_and_averages_the_draws():
+    """Per prompt: found verdict − the mean of the random draws' verdicts (unparsed ones left out),
+    then the sign-flip test of those differences; each ranking and K against the draws of its K."""
+    v = lambda j: Verdict(jailbroken=j)  # noqa: E731
+    n = 6
+    found = [True, True, True, False, True, None]         # prompt 5 unparsed for the found heads
+    draws = [[False, False, True, False, False, True],    # draw 1
+             [False, True, False, False, None, False]]    # draw 2: prompt 4 unparsed
+    other_k = [True] * n                                  # a random draw of another K: not a control here
+    rows = []
+    for cond, ranking, k, draw, verdicts in [("baseline", "baseline", 0, None, [False] * n),
+                                             ("ablated", "run/generalized_ships", 3, None, found),
+                                             ("ablated", "random", 3, 1, draws[0]), ("ablated", "random", 3, 2, draws[1]),
+                                             ("ablated", "random", 1, 1, other_k)]:
+        for p in range(n):
+            rows.append({"dataset": "d", "prompt_id": p, "condition": cond, "method": None if cond == "baseline"
+                         else "scaling", "heads": "1-1", "ranking": ranking, "k": k, "draw": draw,
+                         "_v_keywords": v(verdicts[p])})
+    table = found_vs_random(pd.DataFrame(rows), ["keywords"])
+    assert len(table) == 1
+    row = table.iloc[0]
+    rand_mean = [0.0, 0.5, 0.5, 0.0, 0.0, 0.5]            # by hand, over the parsed draws
+    d = [1 - 0.0, 1 - 0.5, 1 - 0.5, 0 - 0.0, 1 - 0.0]     # prompts 0-4 (5: found unparsed)
+    assert (row["ranking"], row["k"], row["n"], row["n_draws"]) == ("run/generalized_ships", 3, 5, 2)
+    assert row["asr_found"] == pytest.approx(4 / 5) and row["asr_random"] == pytest.approx(np.mean(rand_mean[:5]))
+    assert row["difference"] == pytest.approx(np.mean(d))
+    assert (row["asr_random_min"], row["asr_random_max"]) == pytest.approx((1 / 5, 2 / 6))  # per draw, parsed
+    assert row["p_value"] == pytest.approx(_sign_flip_p(d))
 
 
 # --- random draws -----------------------------------------------------------------------------------
@@ -219,12 +266,22 @@ def test_dose_response_run_reproducible_from_manifest(tmp_path):
         assert (tmp_path / "a" / f"dose_response.{ext}").stat().st_size > 1000
     gens = [json.loads(line) for line in (tmp_path / "a" / "generations.jsonl").read_text().splitlines()]
     assert {(g["ranking"], g["k"], g["draw"]) for g in gens} >= {("random", 3, 2), ("baseline", 0, None)}
+    # found vs random: only K = 1 has both a ranking's top K and random draws; recomputed from the answers
+    versus = pd.read_csv(tmp_path / "a" / "found_vs_random.csv")
+    assert versus[["ranking", "k", "n_draws"]].values.tolist() == [["g/generalized_ships", 1, 2]]
+    verdict = {(g["ranking"], g["k"], g["draw"], g["prompt_id"]): float(g["verdicts"]["keywords"]["jailbroken"])
+               for g in gens if g["condition"] == "ablated"}
+    found = [verdict[("g/generalized_ships", 1, None, p)] for p in range(2)]
+    rand = [np.mean([verdict[("random", 1, d, p)] for d in (1, 2)]) for p in range(2)]
+    assert versus.loc[0, "asr_found"] == pytest.approx(np.mean(found))
+    assert versus.loc[0, "difference"] == pytest.approx(np.mean(np.subtract(found, rand)))
 
     from safetyheads.report import render_report
     from safetyheads.results import load_study
 
     text, _ = render_report(load_study([tmp_path / "a"]))
     assert "dose-a-" in text and "McNemar p" in text and "95% CI" in text
+    assert "Found heads vs random heads" in text
 
 
 def test_dose_response_table_and_figure(tmp_path):

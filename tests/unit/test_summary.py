@@ -111,3 +111,19 @@ def test_time_of_a_resumed_run_is_its_compute_time_not_the_calendar_span(tmp_pat
     del manifest["compute_seconds"]                   # older manifests: the calendar span, said to be one
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert set(summarize_runs([run]).rankings["time"]) == {"13 h 30 min (calendar span: resumed, no compute_seconds)"}
+
+
+def test_folders_of_folders_of_runs_are_found(tmp_path):
+    """`report RUNS` / `summary RUNS` on a tree of runs (scripts/acceptance.sh writes RUNS/dose/<run>):
+    every run folder below is found once, none of a run's own subfolders is taken for a run."""
+    from fixtures_runs import make_scores_run
+
+    from safetyheads.results import find_run_dirs
+
+    a, _ = make_scores_run(tmp_path / "dose", dataset="advbench", method="scaling")
+    b, _ = make_eval_run(tmp_path / "dose" / "more")
+    (a / "chunks").mkdir()
+    c, _ = make_scores_run(tmp_path, dataset="jailbreakbench", method="undifferentiated")
+    assert find_run_dirs([tmp_path]) == sorted([a, b, c], key=lambda p: p.relative_to(tmp_path).parts)
+    with pytest.raises(UsageError, match="not a run folder"):
+        find_run_dirs([a / "chunks"])

@@ -109,9 +109,15 @@ def _report(result) -> None:
         agree = result.judge_agreement
         print("\njudge agreement (jailbroken verdicts, rows both judges parsed):")
         print(agree.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    versus = getattr(result, "found_vs_random", None)
+    if versus is not None and len(versus):
+        print("\nfound heads vs random heads of the same K (same prompts; p: paired sign-flip permutation test):")
+        print(versus.drop(columns=["heads"]).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     files = "generations.jsonl, asr.csv" + (", helpfulness.csv/.json" if result.helpfulness is not None else "")
     if getattr(result, "judge_agreement", None) is not None:
         files += ", judge_agreement.csv"
+    if versus is not None and len(versus):
+        files += ", found_vs_random.csv"
     if result.run_dir is not None and (Path(result.run_dir) / "dose_response.png").is_file():
         files += ", dose_response.png/.svg"
     print(f"wrote {result.run_dir}/: {files}")
