@@ -2,15 +2,20 @@
 
 `prepare` runs the clean model once. Forward pre-hooks on the decoder layers record each layer's
 input hidden states and the exact keyword arguments the model passed it (masks for that layer's
-type, position embeddings, position ids...), so a replay needs no model-specific code.
-Prompts are regrouped by length and run without padding: no compute is spent on pad tokens.
+type, position embeddings, position ids...), so a replay needs no model-specific code; an argument
+that is an extra output of the previous layer (HY V4's `prev_topk_indices`) is marked as carried, and
+a replay takes it from the replayed previous layer. Prompts are regrouped by length and run without
+padding: no compute is spent on pad tokens. A model the layer-by-layer replay cannot reproduce (a
+layer run twice per forward, a backbone step before the final norm) is refused, and the result is
+checked against the model's own forward (`check_against_forward`).
 
 `sweep` evaluates configurations (each a list of heads). An ablation whose earliest head is in
 layer l cannot change layers < l, so its replay starts from the recorded input of layer l. A
 chunk of configurations is replayed in ONE pass over the layers whose batch grows: at layer l the
 rows of the configurations that start there join the batch (each config × each prompt of the
 length group is one row, with its own factors in the `HeadAblator` table). After the last layer
-only the last position goes through the final norm and the LM head.
+only the last position (the last k with teacher-forced targets) goes through the final norm and the
+LM head; the final layer's feed-forward block too, where `prepare` found that leaves them unchanged.
 
 Shared prefix: chat templates put the same tokens (system message, user header) in front of every
 prompt, e.g. 24 of Qwen2.5's ~44 tokens. Under an ablation those positions are the same for every

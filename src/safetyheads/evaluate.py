@@ -11,7 +11,13 @@ requested head ablation, judges them (see `judges.py`), and writes into a run fo
 - `generations.jsonl`- one row per (dataset, prompt, condition): prompt, response, ablation and the
                        verdict of every judge (`{"keywords": {"jailbroken": .., "refused": ..}}`).
 - `asr.csv`          - dataset, category ('all' or the JailbreakBench category), condition
-                       (baseline / ablated), heads, method, epsilon, judge, n, asr, n_unparsed.
+                       (baseline / ablated), heads, method, epsilon, judge, n, asr, n_unparsed,
+                       the 95% Wilson interval and the paired McNemar test against the baseline
+                       (`stats.py`), and where the heads came from (ranking, k, draw, source).
+- `judge_agreement.csv` - with two or more judges: per dataset and pair, Cohen's kappa.
+- `found_vs_random.csv` - each ranking's top K vs the random draws of the same method and K,
+                       paired per prompt (sign-flip permutation p-value).
+- `dose_response.png/.svg` - with rankings or random draws: ASR vs heads ablated (`plots.dose_response`).
 - `helpfulness.csv` / `.json` - on the built-in harmless set: over-refusal rate (keyword judges)
                        per condition, and mean KL(p_clean || p_ablated) and top-1 agreement of the
                        next-token distribution at the last prompt position (long format:
@@ -22,6 +28,7 @@ requested head ablation, judges them (see `judges.py`), and writes into a run fo
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -368,6 +375,7 @@ def last_token_logprobs(model, tokenizer, prompts: Sequence[str], *, fmt: str, s
     (`chat_template_kwargs`: the chat format's template variables, as in `generate_responses`;
     a model whose outputs change under left padding gets batches of prompts of one length,
     `prompts.pads_safely`)."""
+    from .layout import numbers_own_positions
     from .prompts import batch_rows, encode, format_prompts, pads_safely
 
     texts = format_prompts(tokenizer, list(prompts), fmt, system_prompt=system_prompt,
@@ -375,10 +383,13 @@ def last_token_logprobs(model, tokenizer, prompts: Sequence[str], *, fmt: str, s
     device = next(model.parameters()).device
     everything = encode(tokenizer, texts)  # [P, T] left padded; a batch keeps only its own columns
     out: torch.Tensor | None = None
+    own_positions = numbers_own_positions(model)  # RoBERTa-style: positions from the ids, none passed
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     for rows in batch_rows(everything.attention_mask.sum(-1).tolist(), batch_size, pads_safely(model)):
         enc = everything[torch.tensor(rows)].to(device)
-        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                       position_ids=enc.position_ids, use_cache=False, logits_to_keep=1).logits  # [B, 1, V]
+        positions = {} if own_positions else {"position_ids": enc.position_ids}
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False,
+                       **positions, **last_only).logits[:, -1:]  # [B, 1, V] (not every forward takes logits_to_keep)
         lp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # [B, V]; left padded: -1 is the last token
         if out is None:
             out = lp.new_empty(len(texts), lp.shape[-1])
@@ -669,10 +680,10 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
     run = _open_run(out, config=config, loaded=loaded, prompt_sets=prompt_sets + ([harmless] if harmless else []),
                     resume=resume, force=force)
     run_path = Path(run.path) if run is not None else None
-    cache = ResponseCache(run_path / "responses.jsonl" if run_path else None)
+    cache = ResponseCache(run_path / files.RESPONSES if run_path else None)
     reusable: dict[str, dict] = {}
     for folder in reuse:
-        f = Path(folder) / "responses.jsonl"
+        f = Path(folder) / files.RESPONSES
         if not f.is_file():
             raise UsageError(f"--reuse {folder}: no responses.jsonl there (not an evaluate run folder)")
         reusable.update(ResponseCache(f).rows)
@@ -743,12 +754,12 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
         lines = [_json_line(r) for r in out_gens.to_dict("records")]
         if harmless is not None:  # harmless responses too, judged by the keyword judges (over-refusal)
             lines += _harmless_lines(gens[gens["dataset"] == HARMLESS], judge_objs)
-        run.write_text("generations.jsonl", "\n".join(lines) + "\n")
-        outputs = ["generations.jsonl", "asr.csv"]
+        run.write_text(files.GENERATIONS, "\n".join(lines) + "\n")
+        outputs = [files.GENERATIONS, files.csv(files.ASR)]
         run.write_table(files.ASR, asr, formats=("csv",))
         if agreement is not None:
-            run.write_table("judge_agreement", agreement, formats=("csv",))
-            outputs.append("judge_agreement.csv")
+            run.write_table(files.JUDGE_AGREEMENT, agreement, formats=("csv",))
+            outputs.append(files.csv(files.JUDGE_AGREEMENT))
         if len(versus):
             run.write_table(files.FOUND_VS_RANDOM, versus, formats=("csv",))
             outputs.append(files.csv(files.FOUND_VS_RANDOM))
@@ -758,9 +769,9 @@ def evaluate(model, datasets: Sequence[str], *, ablations: Sequence[Ablation] | 
             outputs += [p.name for p in dose_response([run_path], run_path / "dose_response").paths]
         if help_df is not None:
             run.write_table(files.HELPFULNESS, help_df, formats=("csv",))
-            outputs.append("helpfulness.csv")
+            outputs.append(files.csv(files.HELPFULNESS))
         if help_df is not None or lm_eval_res is not None:
-            run.write_json("helpfulness", {"metrics": help_df.to_dict("records") if help_df is not None else [],
+            run.write_json(files.HELPFULNESS, {"metrics": help_df.to_dict("records") if help_df is not None else [],
                                            "lm_eval": lm_eval_res})
             outputs.append("helpfulness.json")
         overall = asr[asr["category"] == "all"]

@@ -17,6 +17,8 @@ ASR = "asr"
 HELPFULNESS = "helpfulness"
 FOUND_VS_RANDOM = "found_vs_random"    # dataset, judge, method, ranking, k, ..., asr_found, asr_random, p_value
 GENERATIONS = "generations.jsonl"
+RESPONSES = "responses.jsonl"          # evaluate's generation cache (keyed by everything that determines a text)
+JUDGE_AGREEMENT = "judge_agreement"    # dataset, judge_a, judge_b, n, 2x2 counts, agreement, kappa
 
 #: Tables a head ranking can be read from (evaluate --from, the report), most specific first.
 RANKINGS = (GSHIPS, REFUSAL, SHIPS_SUMMARY, SAHARA, SCREEN)

@@ -1,6 +1,6 @@
 """The manifest schema: what a run folder's manifest.json holds, in one dataclass.
 
-`runs.RunDir` writes it (`Manifest.to_dict`), `results`, `report`, `evaluate` and `reproduce` read it
+`runs.RunDir` writes it (`Manifest.to_dict`), `results`, `report` and `evaluate` read it
 (`Manifest.from_dict` and the typed readers below), so no reader guesses alternative key names: a
 field lives where this file says. `config` is the command's own config (what `--resume` compares);
 where the readers look in it, per command:
@@ -29,7 +29,7 @@ _WHEN_SET = ("part_of_command", "resumed", "finished", "compute_seconds", "summa
 @dataclass
 class Manifest:
     command: str | None = None                    # "ships", "gships", "evaluate", ...
-    config: dict = field(default_factory=dict)    # the command's config, JSON-normalised (see ConfigKeys)
+    config: dict = field(default_factory=dict)    # the command's config, JSON-normalised (keys: module docstring)
     argv: list[str] | None = None                 # the CLI command line (safetyheads' own arguments)
     cwd: str | None = None                        # where it was run (reproduce replays from there)
     model: dict | str | None = None               # LoadedModel.describe(): spec, source, weights_sha256, sizes

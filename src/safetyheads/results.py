@@ -3,8 +3,7 @@
 The scores and evaluation commands write run folders (manifest.json plus CSV/JSONL files); this
 module turns a list of such folders into a `Study`: scores runs grouped by dataset and method,
 evaluation runs, and notes about anything that was missing. It is read-only and forgiving: optional
-files may be absent, and manifest fields are looked up in several places because the manifest
-carries the full config of whichever command wrote it.
+files may be absent. Manifests are read through `manifest.Manifest` (one schema, typed readers).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from .heads import head_label
 from .manifest import Manifest
 from .runs import RunDir
 
-SCORES_FILES = tuple(files.csv(n) for n in (files.GSHIPS, files.SHIPS_SUMMARY, files.SAHARA, files.REFUSAL))
+SCORES_FILES = tuple(files.csv(n) for n in (files.GSHIPS, files.SHIPS_SUMMARY, files.SAHARA, files.REFUSAL, files.SCREEN))
 EVAL_FILES = (files.csv(files.ASR), files.csv(files.HELPFULNESS), files.GENERATIONS)
 
 # Paper order first; other datasets follow alphabetically.
@@ -102,7 +101,7 @@ def normalise_dataset(name: str | None) -> str:
 
 
 def read_manifest(run: Path) -> dict:
-    path = run / "manifest.json"
+    path = run / files.MANIFEST
     if not path.exists():
         return {}
     try:
@@ -299,9 +298,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def load_eval_run(run: Path, manifest: dict) -> EvalRun | None:
-    asr = _read_csv(run / "asr.csv", ("dataset", "condition", "asr"))
-    helpfulness = _read_csv(run / "helpfulness.csv", ("metric", "condition", "value"))
-    generations = _read_jsonl(run / "generations.jsonl")
+    asr = _read_csv(run / files.csv(files.ASR), ("dataset", "condition", "asr"))
+    helpfulness = _read_csv(run / files.csv(files.HELPFULNESS), ("metric", "condition", "value"))
+    generations = _read_jsonl(run / files.GENERATIONS)
     if asr is None and helpfulness is None and not generations:
         return None
     ablated = next((g for g in generations if g.get("condition") == "ablated"), {})
@@ -309,7 +308,7 @@ def load_eval_run(run: Path, manifest: dict) -> EvalRun | None:
     method = record.method or ablated.get("method") or ""
     heads = record.heads or ablated.get("heads")
     model = record.model_name or ""
-    agreement = _read_csv(run / "judge_agreement.csv", ("judge_a", "judge_b", "kappa"))
+    agreement = _read_csv(run / files.csv(files.JUDGE_AGREEMENT), ("judge_a", "judge_b", "kappa"))
     versus = _read_csv(run / files.csv(files.FOUND_VS_RANDOM), ("ranking", "k", "asr_found", "asr_random", "p_value"))
     return EvalRun(
         path=run, manifest=manifest, model=str(model), method=str(method), heads=format_heads(heads),
@@ -319,7 +318,7 @@ def load_eval_run(run: Path, manifest: dict) -> EvalRun | None:
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "manifest.json").exists() or any((path / f).exists() for f in SCORES_FILES + EVAL_FILES)
+    return (path / files.MANIFEST).exists() or any((path / f).exists() for f in SCORES_FILES + EVAL_FILES)
 
 
 def _runs_under(folder: Path, depth: int = 3) -> list[Path]:

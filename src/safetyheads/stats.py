@@ -1,4 +1,6 @@
-"""The statistics every ASR carries: a Wilson interval and a paired exact McNemar test.
+"""The statistics every ASR carries: a Wilson interval and a paired exact McNemar test; plus Cohen's κ
+between judges (`cohen_kappa`) and the paired sign-flip test of found vs random heads
+(`paired_permutation_p`).
 
 An ASR on 100 prompts moves by several points between two runs of equally safe models, so a number
 without its uncertainty cannot say whether ablating heads changed anything. Two things answer that:

@@ -122,3 +122,31 @@ def test_the_screen_refuses_a_nonlinear_head():
     h = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
     z, slope = lm_head.logits_and_slope(linear, h)
     assert slope is None and torch.allclose(z, linear.get_output_embeddings()(h), atol=1e-6)
+
+
+@torch.no_grad()
+def test_helpfulness_logprobs_of_a_roberta_decoder_use_its_own_positions(monkeypatch):
+    """evaluate's last-position log-probs (helpfulness KL / top-1) on a left-padded batch of a model that
+    numbers its own positions: no 0-based position ids may be passed (they would shift every position
+    by padding_idx + 1). Oracle: the stock model on each prompt alone, as a user runs it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from safetyheads import prompts as prompt_mod
+    from safetyheads.evaluate import last_token_logprobs
+
+    from tiny_chat import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = AutoConfig.for_model("roberta", vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, is_decoder=True,
+                                  pad_token_id=tok.pad_token_id,  # positions start after it: a table that reaches past
+                                  max_position_embeddings=tok.pad_token_id + 64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    texts = ["Hi", "How do I pick a lock?", "Tell me a story"]
+    monkeypatch.setattr(prompt_mod, "pads_safely", lambda m: True)  # padded batches (RoBERTa skips real pads)
+    got = last_token_logprobs(model, tok, texts, fmt="raw", batch_size=3)  # [P, V]
+    for p, text in enumerate(texts):
+        ids = tok(text, return_tensors="pt").input_ids
+        alone = torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)
+        assert (got[p].double() - alone).abs().max() < 1e-4, text
