@@ -191,7 +191,8 @@ RANDOM_COLOR = "#9e9e9e"
 
 def draw_dose_response(table: pd.DataFrame, *, title: str | None = None):
     """ASR vs number of heads ablated (`results.dose_response_table` rows), one panel per
-    (method, dataset): one line per ranking with its 95% Wilson band, each random control as a
+    (method, dataset): one line per ranking with its 95% Wilson band and error bars (rankings dodged
+    a little sideways of their K so equal ASRs stay visible), each random control as a
     grey band from the lowest to the highest draw (dashed: their mean) behind them, and the
     baseline as a horizontal line. Returns the Figure."""
     from matplotlib.figure import Figure
@@ -205,6 +206,8 @@ def draw_dose_response(table: pd.DataFrame, *, title: str | None = None):
     rankings = list(dict.fromkeys(table.loc[table["kind"] == "ranking", "ranking"]))
     colors = {r: f"C{i % 10}" for i, r in enumerate(rankings)}
     ks = sorted(set(table.loc[table["kind"] != "baseline", "k"].astype(int)))
+    log_x = bool(ks) and ks[-1] >= 4 * ks[0]
+    span = (ks[-1] - ks[0]) if len(ks) > 1 else 1.0
     handles: dict[str, object] = {}
     for row, method in enumerate(methods):
         for col, dataset in enumerate(datasets):
@@ -224,13 +227,20 @@ def draw_dose_response(table: pd.DataFrame, *, title: str | None = None):
                 name = ("random heads" if ranking == RANDOM
                         else ranking.replace(LAYER_MATCHED + " ", "layer-matched random: "))
                 handles[f"{name} (min-max of {int(g['draws'].max())} draws; dashed: mean)"] = line
-            for ranking, g in here[here["kind"] == "ranking"].groupby("ranking", sort=False):
+            found = list(here[here["kind"] == "ranking"].groupby("ranking", sort=False))
+            for i, (ranking, g) in enumerate(found):
                 g = g.sort_values("k")
-                ax.fill_between(g["k"], g["low"].astype(float), g["high"].astype(float), color=colors[ranking],
-                                alpha=0.15, lw=0, zorder=3)
-                line, = ax.plot(g["k"], g["asr"], color=colors[ranking], marker="o", ms=4, lw=1.6, zorder=4)
+                # several rankings often pick heads with the same ASR: each is drawn a little to the side
+                # of its K (the tick), its Wilson interval as an error bar there, so none hides another
+                shift = i - (len(found) - 1) / 2
+                x = g["k"] * 2 ** (0.05 * shift) if log_x else g["k"] + 0.02 * span * shift
+                low, high = g["low"].astype(float), g["high"].astype(float)
+                ax.fill_between(x, low, high, color=colors[ranking], alpha=0.08, lw=0, zorder=3)
+                ax.errorbar(x, g["asr"], yerr=[g["asr"] - low, high - g["asr"]], color=colors[ranking], lw=0,
+                            elinewidth=1.0, capsize=2, zorder=4)
+                line, = ax.plot(x, g["asr"], color=colors[ranking], marker="o", ms=4, lw=1.6, zorder=4)
                 handles[f"{ranking} (95% Wilson)"] = line
-            if ks and ks[-1] >= 4 * ks[0]:
+            if log_x:
                 ax.set_xscale("log", base=2)
             ax.set_xticks(ks, [str(k) for k in ks])
             ax.set_ylim(0, 1)
