@@ -236,7 +236,8 @@ def draw_dose_response(table: pd.DataFrame, *, title: str | None = None):
                 x = g["k"] * 2 ** (0.05 * shift) if log_x else g["k"] + 0.02 * span * shift
                 low, high = g["low"].astype(float), g["high"].astype(float)
                 ax.fill_between(x, low, high, color=colors[ranking], alpha=0.08, lw=0, zorder=3)
-                ax.errorbar(x, g["asr"], yerr=[g["asr"] - low, high - g["asr"]], color=colors[ranking], lw=0,
+                yerr = [(g["asr"] - low).clip(lower=0), (high - g["asr"]).clip(lower=0)]  # nan-safe, never < 0
+                ax.errorbar(x, g["asr"], yerr=yerr, color=colors[ranking], lw=0,
                             elinewidth=1.0, capsize=2, zorder=4)
                 line, = ax.plot(x, g["asr"], color=colors[ranking], marker="o", ms=4, lw=1.6, zorder=4)
                 handles[f"{ranking} (95% Wilson)"] = line
