@@ -393,6 +393,11 @@ class HeadAblator:
                 else:
                     parts.append(None)
             self._layers.append(tuple(parts) if active else None)
+        # Layers where some row's query factor is exactly 0 (uniform attention): only there can a score
+        # term besides query·key (sinks, biases) need the recompute. Decided once here, on the CPU
+        # tables, so the common path (ε > 0) never syncs with the device per layer and forward.
+        self._q_zero = [parts is not None and parts[0] is not None and not parts[0].requires_grad
+                        and bool((parts[0] == 0).any()) for parts in self._layers]
         live = set(attention_layers(model))
         absent = [i for i, parts in enumerate(self._layers)
                   if parts is not None and i not in live and not any(p is not None and p.requires_grad for p in parts)]
@@ -451,10 +456,10 @@ class HeadAblator:
             q = self._rows(q_scale, batch, query)[:, :heads]  # [batch, heads] (a layer may have fewer heads)
             query = query * q[:, :, None, None]
         out, weights = fn(module, query, key, value, *args, **kwargs)  # out: [batch, q_len, heads, head_dim]
-        if q is not None and not q.requires_grad and bool((q == 0).any()):
+        if q is not None and self._q_zero[layer] and bool((q == 0).any()):
             neutral = _without_score_terms(module, args, kwargs)
             if neutral is not None:
-                out, weights = self._uniform_without_sink(fn, module, q == 0, out, weights, query, key, value,
+                out, weights = self._uniform_without_score_terms(fn, module, q == 0, out, weights, query, key, value,
                                                           *neutral)
         if mean_mask is not None:
             mean = self._head_means(layer, out, args[0] if args else kwargs.get("attention_mask"))  # [H, hd]
@@ -466,7 +471,7 @@ class HeadAblator:
         return out, weights
 
     @staticmethod
-    def _uniform_without_sink(fn, module, zero, out, weights, query, key, value, args, kwargs):
+    def _uniform_without_score_terms(fn, module, zero, out, weights, query, key, value, args, kwargs):
         """Uniform attention in a module whose scores have terms besides query·key (`_without_score_terms`:
         attention sinks as in gpt-oss / DeepSeek V4 / Inkling 2, a hidden-state position bias as in
         Inkling, a learned dynamic mask as in Doge): a zero query still leaves those terms, so the

@@ -372,6 +372,18 @@ def _rounding_tolerance(model: nn.Module) -> float:
     return 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 2e-2
 
 
+def _same_hidden(model: nn.Module, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two evaluations of hidden states [..., D] agree to rounding, position by position:
+    ‖a − b‖ ≤ tol·‖b‖ for every row. Relative per row, not to the largest element: final hidden
+    states have a few outlier dimensions, and a tolerance scaled by those would let a real change
+    elsewhere pass."""
+    if a.shape != b.shape:
+        return False
+    a, b = a.float().reshape(-1, a.shape[-1]), b.float().reshape(-1, b.shape[-1])  # [rows, D]
+    gap, size = (a - b).norm(dim=-1), b.norm(dim=-1)
+    return bool((gap <= _rounding_tolerance(model) * size + 1e-30).all())
+
+
 def _check_replayable(model: nn.Module, looped: set[int], last_out: torch.Tensor, normed: torch.Tensor,
                       norm: nn.Module) -> None:
     """UnsupportedModelError unless a layer-by-layer replay reproduces this clean forward: every
@@ -385,9 +397,7 @@ def _check_replayable(model: nn.Module, looped: set[int], last_out: torch.Tensor
         raise UnsupportedModelError(
             f"looped layers: decoder layer {min(looped)} runs more than once per forward (a recurrent-depth "
             "model), but the engine replays each layer once")
-    again = norm(last_out).float()
-    if again.shape != normed.shape or not bool(
-            ((again - normed.float()).abs().max() <= _rounding_tolerance(model) * max(1.0, float(normed.abs().max())))):
+    if not _same_hidden(model, norm(last_out), normed):
         raise UnsupportedModelError(
             "a backbone step before the final norm (cross-layer residuals, parallel streams collapsed): "
             "the layer-by-layer replay would skip it")
@@ -398,8 +408,8 @@ def _tail_shortcut_holds(model: nn.Module, ids: torch.Tensor, tail: int) -> bool
     tried on one prompt `ids` [1, T]: it assumes nothing in the final layer reads its feed-forward
     block's output at other positions, which a layer that mixes positions after that block breaks
     (Inkling's short convolution `mlp_sconv`). Where it changes them, the sweep runs the block on
-    every position. The tolerance only has to separate rounding (a matmul over fewer rows) from a
-    changed result; a false "no" costs speed, never correctness."""
+    every position. The tolerance (`_same_hidden`, relative per position) separates rounding (a
+    matmul over fewer rows) from a changed result."""
     if ids.shape[1] <= tail:
         return True
     backbone = layout.decoder_backbone(model)
@@ -412,7 +422,7 @@ def _tail_shortcut_holds(model: nn.Module, ids: torch.Tensor, tail: int) -> bool
     whole = last_hidden()
     with _last_position_only(layout.decoder_layers(model)[-1], tail):
         short = last_hidden()
-    return bool(((short - whole).abs().max() <= _rounding_tolerance(model) * max(1.0, float(whole.abs().max()))))
+    return _same_hidden(model, short, whole)
 
 
 def _target_logprobs(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor, transform) -> torch.Tensor:
@@ -457,8 +467,11 @@ def _forward_kwargs(model: nn.Module) -> tuple[dict, bool, bool]:
 def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.Tensor,
                           tolerance: float | None = None, *, left_padding: bool | None = None) -> float:
     """Compare the engine's clean last-position log-probs [P, V] with `model`'s own forward on the
-    same left-padded batch (mini-batches of up to MAX_GROUP prompts: one forward of the clean batch
-    in all, the LM head at the last position only where the forward takes `logits_to_keep`); return the largest |Δ log p| over each prompt's top SELF_CHECK_TOP tokens of either side.
+    same prompts: the left-padded batch, or unpadded batches of prompts of one length for a model
+    whose outputs change under left padding (`left_padding`, default `prompts.pads_safely`); in
+    mini-batches of up to MAX_GROUP prompts, one forward of the clean batch in all, the LM head at
+    the last position only where the forward takes `logits_to_keep`. Returns the largest |Δ log p|
+    over each prompt's top SELF_CHECK_TOP tokens of either side.
 
     Raises UnsupportedModelError when it exceeds `tolerance` (default: SELF_CHECK_TOLERANCE for
     the LM head's dtype): the engine re-implements the final norm + LM head and replays layers from
@@ -526,8 +539,9 @@ def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.
 
 def _for_replay(obj: Any, n: int, rows: int, kv: Any, previous: Any = None) -> Any:
     """Recorded layer arguments for a replay of `rows` rows: tensors with the group's n prompts in
-    their batch dimension repeated to `rows` (config-major: row c*n + p is prompt p; batch-1
-    tensors broadcast, 1-D ones such as cache positions have no batch dimension), and the KV-cache
+    their batch dimension repeated to `rows` (config-major: row c*n + p is prompt p; in a group of
+    several prompts batch-1 tensors broadcast, 1-D ones such as cache positions have no batch
+    dimension), and the KV-cache
     placeholder replaced by `kv`. A group of one prompt cannot tell its batch-1 tensors from
     broadcast ones, so they are all expanded to `rows` (a view): a per-token tensor the model
     reshapes or concatenates with its batch (DeepSeek-V4's hash-routing input_ids, a mask it

@@ -205,9 +205,9 @@ def _own_head(model: nn.Module) -> LogitTransform:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(out, nn.Module):
         return LogitTransform()
+    if any(child is out for child in model.children()):
+        return LogitTransform()  # the usual `lm_head` Linear: W itself (no walk through the backbone)
     for name, child in model.named_children():
-        if child is out:
-            return LogitTransform()  # the usual `lm_head` Linear: W itself
         if any(m is out for m in child.modules()):
             if _holds_backbone(child, model):
                 return LogitTransform()  # inside the backbone's own modules, not a head of its own

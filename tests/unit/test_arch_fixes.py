@@ -136,6 +136,7 @@ def test_uniform_removes_score_terms(terms):
     q_scale = torch.ones(B, H)
     q_scale[0, 1] = 0.0
     ablator._layers = [(q_scale, None, None)]
+    ablator._q_zero = [True]  # what __init__ finds in this table: a zero query factor in layer 0
     ablator._moved, ablator.batch_rows = {}, None
     out, _ = ablator.attend(_reference_attention, 0, _Module(), query, key, value, mask, **kwargs)
     expected = (causal.float() / causal.sum(-1, keepdim=True)) @ value[0, 1]  # [q, hd]
