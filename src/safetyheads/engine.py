@@ -171,6 +171,28 @@ def _carried_outputs(obj: Any, previous: Any) -> Any:
     return _tree_map(leaf, obj)
 
 
+def _refuse_skipped_outputs(layer: int, obj: Any, earlier: dict[int, tuple[int, torch.Tensor]],
+                            previous: Any) -> None:
+    """UnsupportedModelError when a layer's arguments hold an extra output of a layer before the
+    previous one that the previous layer did not pass on (a tensor handed along the chain, returned
+    unchanged by each layer as HY-V4's top-k indices are, is carried): the replay carries outputs only
+    from one layer to the next, so such a model's ablated rows would silently get the clean value."""
+    found: list[int] = []
+    passed_on = {id(t) for t in previous[1:]} if isinstance(previous, (tuple, list)) else set()
+
+    def leaf(x: Any) -> Any:
+        if (isinstance(x, torch.Tensor) and id(x) in earlier and earlier[id(x)][1] is x
+                and id(x) not in passed_on):
+            found.append(earlier[id(x)][0])
+        return x
+
+    _tree_map(leaf, obj)
+    if found:
+        raise UnsupportedModelError(
+            f"decoder layer {layer} takes an output of layer {found[0]} (not of the layer before it): the "
+            "layer-by-layer replay carries outputs only from one layer to the next")
+
+
 def shared_prefix_length(model: nn.Module, tokens: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every prompt shares and the sweep can replay once per configuration
     (0 when it cannot). Each prompt keeps at least one token of its own (its last position is what
@@ -269,15 +291,23 @@ def prepare(model: nn.Module, encoded: Any, *, share_prefix: bool = True, self_c
     record: dict[int, tuple] = {}
 
     outputs: dict[int, Any] = {}  # each layer's output in the current forward (the next layer may take parts of it)
+    # extra outputs of the layers before the previous one, in this forward: id -> (layer, tensor); the
+    # tensor is kept so its id cannot be reused. The replay carries only the previous layer's.
+    earlier: dict[int, tuple[int, torch.Tensor]] = {}
 
     def pre_hook(i):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == 0:
+                earlier.clear()
             previous = outputs.pop(i - 1, None)
             if i in record:
                 looped.add(i)
+            _refuse_skipped_outputs(i, (args[1:], kw), earlier, previous)
             rest, kw = _carried_outputs(tuple(args[1:]), previous), _carried_outputs(kw, previous)
+            if isinstance(previous, (tuple, list)):
+                earlier.update({id(t): (i - 1, t) for t in previous[1:] if isinstance(t, torch.Tensor)})
             record[i] = (hidden.detach(), _tree_map(_for_record, rest), _tree_map(_for_record, kw))
 
         return hook

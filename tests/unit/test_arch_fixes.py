@@ -191,3 +191,17 @@ def test_tiny_configs_run(model_type):
         with torch.no_grad():
             logits = model(input_ids=archcheck._ids(10, 1)[None], use_cache=False).logits
         assert logits.isfinite().all()
+
+
+def test_an_output_skipping_a_layer_is_refused():
+    """The replay carries a layer's extra outputs to the next layer only: an argument that is an
+    extra output of an earlier layer, not passed on by the previous one, is refused; one handed along
+    the chain (returned unchanged by each layer, as HY-V4's top-k indices) is fine."""
+    from safetyheads.engine import _refuse_skipped_outputs
+
+    topk, other, hidden = torch.arange(3), torch.zeros(2), torch.ones(2)
+    earlier = {id(topk): (0, topk)}                       # layer 0 returned (hidden, topk)
+    with pytest.raises(UnsupportedModelError, match="takes an output of layer 0"):
+        _refuse_skipped_outputs(2, ((), {"prev_topk": topk}), earlier, (hidden, other))
+    _refuse_skipped_outputs(2, ((), {"prev_topk": topk}), earlier, (hidden, topk))  # passed on by layer 1
+    _refuse_skipped_outputs(2, ((other,), {}), earlier, (hidden,))                  # unrelated tensors
