@@ -612,10 +612,10 @@ def _forward(model, enc, padded: bool = True) -> torch.Tensor:
     """Last-position logits [P, V] float64 of the model's own forward: on the left-padded batch, or
     (`padded=False`) on batches of prompts of one length, unpadded (`prompts.batch_rows`): what the
     engine's self-check feeds a model whose outputs change under left padding."""
-    from .engine import _forward_kwargs
+    from .engine import forward_kwargs
     from .prompts import batch_rows
 
-    _, _, takes_positions = _forward_kwargs(model)
+    _, _, takes_positions = forward_kwargs(model)
     lengths = enc["attention_mask"].sum(-1).tolist()
     out: torch.Tensor | None = None
     for rows in batch_rows(lengths, len(lengths), padded):

@@ -477,7 +477,7 @@ SELF_CHECK_TOP = 5  # top tokens of each side compared (the far tail of a peaked
 _SELF_CHECK_LOGIT_BYTES = 256 << 20  # all-position logits per forward, for a model without logits_to_keep
 
 
-def _forward_kwargs(model: nn.Module) -> tuple[dict, bool, bool]:
+def forward_kwargs(model: nn.Module) -> tuple[dict, bool, bool]:
     """(`logits_to_keep=1` where the model's forward takes it: the LM head on the last position
     only, as in the engine; whether it did; whether the forward takes position_ids: not for a
     model that numbers its positions itself, RoBERTa-style, as the engine's clean pass lets it)."""
@@ -527,7 +527,7 @@ def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.
     dtype = head.weight.dtype if isinstance(getattr(head, "weight", None), torch.Tensor) else torch.float32
     tol = SELF_CHECK_TOLERANCE.get(dtype, 0.5) if tolerance is None else float(tolerance)
     device = _model_device(model)
-    extra, last_only, takes_positions = _forward_kwargs(model)
+    extra, last_only, takes_positions = forward_kwargs(model)
     step = MAX_GROUP
     if not last_only:  # every position's logits come back: bound their memory
         step = max(1, min(MAX_GROUP, _SELF_CHECK_LOGIT_BYTES // (4 * input_ids.shape[1] * clean_logprobs.shape[-1])))

@@ -28,7 +28,6 @@ requested head ablation, judges them (see `judges.py`), and writes into a run fo
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -375,7 +374,7 @@ def last_token_logprobs(model, tokenizer, prompts: Sequence[str], *, fmt: str, s
     (`chat_template_kwargs`: the chat format's template variables, as in `generate_responses`;
     a model whose outputs change under left padding gets batches of prompts of one length,
     `prompts.pads_safely`)."""
-    from .layout import numbers_own_positions
+    from .engine import forward_kwargs
     from .prompts import batch_rows, encode, format_prompts, pads_safely
 
     texts = format_prompts(tokenizer, list(prompts), fmt, system_prompt=system_prompt,
@@ -383,11 +382,12 @@ def last_token_logprobs(model, tokenizer, prompts: Sequence[str], *, fmt: str, s
     device = next(model.parameters()).device
     everything = encode(tokenizer, texts)  # [P, T] left padded; a batch keeps only its own columns
     out: torch.Tensor | None = None
-    own_positions = numbers_own_positions(model)  # RoBERTa-style: positions from the ids, none passed
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    # the LM head on the last position only where the forward allows it; no position ids for a model
+    # that numbers its positions itself (RoBERTa-style), as in the engine's self-check
+    last_only, _, takes_positions = forward_kwargs(model)
     for rows in batch_rows(everything.attention_mask.sum(-1).tolist(), batch_size, pads_safely(model)):
         enc = everything[torch.tensor(rows)].to(device)
-        positions = {} if own_positions else {"position_ids": enc.position_ids}
+        positions = {"position_ids": enc.position_ids} if takes_positions else {}
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False,
                        **positions, **last_only).logits[:, -1:]  # [B, 1, V] (not every forward takes logits_to_keep)
         lp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # [B, V]; left padded: -1 is the last token
