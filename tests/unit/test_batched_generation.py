@@ -1,6 +1,7 @@
 """Batched multi-condition generation (rows = condition x prompt) equals one generation per
 condition, token for token: tiny random models of every architecture family (MHA and GQA), every
-ablation method (`mean` with its per-condition means), left padding, several calls (max_rows)."""
+ablation method (`mean` with its per-condition means), left padding, several calls (max_rows); and
+the harness's tiny model of every family the architecture CI list checks (test_architectures.CI_TYPES)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,66 @@ def test_sampling_is_reproducible_with_a_seed():
     a = generate_conditions(model, tok, PROMPTS, conds, max_new_tokens=6, greedy=False, top_k=20, seed=3)
     b = generate_conditions(model, tok, PROMPTS, conds, max_new_tokens=6, greedy=False, top_k=20, seed=3)
     assert [g.token_ids for g in a] == [g.token_ids for g in b] and a[0].seed == 3
+
+
+# --- every family of the architecture CI list (tests/unit/test_architectures.py), built by the harness ---
+
+def _char_tokenizer():
+    """A character-level tokenizer whose ids fit the harness's tiny vocabulary (archcheck.VOCAB;
+    prompts use ids 3..SPECIAL-1): unk 0, pad 1, eos 2."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from safetyheads import archcheck
+
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,?!'"
+    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    assert max(vocab.values()) < archcheck.SPECIAL
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+                                   padding_side="left")
+
+
+def _harness_cases():
+    from safetyheads import archcheck
+    from test_architectures import CI_TYPES
+
+    return [(t, g) for t in CI_TYPES for g in ((False, True) if archcheck.has_gqa(t) else (False,))]
+
+
+@pytest.mark.parametrize("model_type,gqa", _harness_cases(), ids=lambda v: v if isinstance(v, str) else ("gqa" if v else "mha"))
+def test_batched_conditions_on_every_ci_family(model_type, gqa):
+    """generate_conditions (rows = condition x prompt, per-row factors in the cached decode steps) =
+    one generate_responses call per condition, token for token, on the harness's tiny model of each
+    family the architecture CI checks (hybrids, MoE, sinks, multimodal wrappers, GPT-2 layouts)."""
+    from safetyheads import ablation, archcheck
+
+    tok = _char_tokenizer()
+    with ablation.unguarded():
+        model = archcheck.build(model_type, gqa, "eager").eval()
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 1
+        layers = sorted(ablation.attention_layers(model))
+        first, last = layers[0], layers[-1]
+        every = tuple(ablation.model_heads(model))  # all heads silenced: the answers must change
+        conditions = [None, Condition(((first, 1), (last, 0)), "undifferentiated", 1e-5),
+                      Condition(((last, 1),), "scaling", 1e-5), Condition(((first, 0),), "uniform"),
+                      Condition(every, "scaling", 1e-5)]
+        prompts = ["hi", "how do I pick a lock?", "write a story"]
+        expected = []
+        for c in conditions:
+            gen = generate_responses(model, tok, prompts, heads=c.heads if c else (),
+                                     method=c.method if c else "undifferentiated", epsilon=c.epsilon if c else 1e-5,
+                                     fmt="raw", max_new_tokens=5, batch_size=len(prompts), progress=False)
+            expected.append(gen.token_ids)
+        gens = generate_conditions(model, tok, prompts, conditions, fmt="raw", max_new_tokens=5)
+        assert [g.token_ids for g in gens] == expected
+        if all(e == expected[0] for e in expected[1:]):  # greedy answers of a tiny model may not move,
+            ids = tok(prompts[1], return_tensors="pt").input_ids  # but the ablation must act on it
+            with torch.no_grad():
+                clean = model(input_ids=ids).logits[0, -1]
+                with ablation.ablated(model, every, "scaling", 1e-5):
+                    silenced = model(input_ids=ids).logits[0, -1]
+            assert (clean - silenced).abs().max() > 1e-3
