@@ -612,21 +612,14 @@ def _forward(model, enc, padded: bool = True) -> torch.Tensor:
     """Last-position logits [P, V] float64 of the model's own forward: on the left-padded batch, or
     (`padded=False`) on batches of prompts of one length, unpadded (`prompts.batch_rows`): what the
     engine's self-check feeds a model whose outputs change under left padding."""
-    from .engine import forward_kwargs
-    from .prompts import batch_rows
+    from .engine import own_last_logits
 
-    _, _, takes_positions = forward_kwargs(model)
-    lengths = enc["attention_mask"].sum(-1).tolist()
+    n = enc["input_ids"].shape[0]
     out: torch.Tensor | None = None
-    for rows in batch_rows(lengths, len(lengths), padded):
-        cols = slice(None) if padded else slice(enc["input_ids"].shape[1] - int(lengths[rows[0]]), None)
-        sub = {k: v[rows][:, cols] for k, v in enc.items()}  # [n, T or length]
-        kw = dict(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], use_cache=False)
-        if takes_positions:
-            kw["position_ids"] = sub["position_ids"]
-        logits = model(**kw).logits[:, -1].double()  # [n, V]
+    for rows, last in own_last_logits(model, enc, n, padded):
+        logits = last.double()  # [n, V]
         if out is None:
-            out = logits.new_empty(len(lengths), logits.shape[-1])
+            out = logits.new_empty(n, logits.shape[-1])
         out[rows] = logits
     return out
 

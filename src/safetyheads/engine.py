@@ -34,7 +34,7 @@ import inspect
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -494,6 +494,43 @@ def forward_kwargs(model: nn.Module) -> tuple[dict, bool, bool]:
 
 
 @torch.no_grad()
+def own_last_logits(model: nn.Module, encoded: Any, batch_size: int, padded: bool) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The model's own forward at the last position, batch by batch, as a user calls it: (the batch's
+    prompt indices, its last-position logits [n, V']). `padded`: consecutive rows of the left-padded
+    batch; else prompts of one length with only their real columns (a model whose outputs change
+    under left padding, `prompts.pads_safely`). `logits_to_keep` where the forward takes it (else the
+    batch is cut so all-position logits stay bounded), position ids only where the forward takes them
+    and does not number positions itself (RoBERTa-style). Used by the self-check, evaluate's
+    helpfulness log-probs and the harness: one way to run "the model itself"."""
+    from .prompts import batch_rows, position_ids_from_mask
+
+    input_ids, mask = _field(encoded, "input_ids"), _field(encoded, "attention_mask")
+    try:
+        position_ids = _field(encoded, "position_ids")
+    except (KeyError, AttributeError):
+        position_ids = None
+    if position_ids is None:
+        position_ids = position_ids_from_mask(mask)
+    extra, last_only, takes_positions = forward_kwargs(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else 1
+    if not last_only:  # every position's logits come back: bound their memory
+        batch_size = max(1, min(batch_size, _SELF_CHECK_LOGIT_BYTES // (4 * input_ids.shape[1] * max(1, vocab))))
+    device = _model_device(model)
+    lengths = mask.sum(-1).tolist()
+    for batch in batch_rows(lengths, batch_size, padded):
+        rows = slice(batch[0], batch[-1] + 1) if padded else torch.tensor(batch)
+        cols = slice(None) if padded else slice(input_ids.shape[1] - int(lengths[batch[0]]), None)
+        kw = dict(extra)
+        if takes_positions:
+            kw["position_ids"] = position_ids[rows][:, cols].to(device)
+        out = model(input_ids=input_ids[rows][:, cols].to(device), attention_mask=mask[rows][:, cols].to(device),
+                    use_cache=False, **kw)
+        logits = out.logits if hasattr(out, "logits") else out[0]  # [n, 1 or T, V']
+        yield batch, logits[:, -1]
+
+
+@torch.no_grad()
 def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.Tensor,
                           tolerance: float | None = None, *, left_padding: bool | None = None) -> float:
     """Compare the engine's clean last-position log-probs [P, V] with `model`'s own forward on the
@@ -511,40 +548,16 @@ def check_against_forward(model: nn.Module, encoded: Any, clean_logprobs: torch.
     `left_padding=False` (default: `prompts.pads_safely(model)`, what the harness found for the
     type): the model's own forward changes under left padding, so it runs mini-batches of prompts
     of one length, unpadded, as the engine's clean pass does."""
-    from .prompts import batch_rows, pads_safely
+    from .prompts import pads_safely
 
-    input_ids = _field(encoded, "input_ids")
-    mask = _field(encoded, "attention_mask")
-    try:
-        position_ids = _field(encoded, "position_ids")
-    except (KeyError, AttributeError):
-        position_ids = None
-    if position_ids is None:
-        from .prompts import position_ids_from_mask
-
-        position_ids = position_ids_from_mask(mask)
     head = model.get_output_embeddings()
     dtype = head.weight.dtype if isinstance(getattr(head, "weight", None), torch.Tensor) else torch.float32
     tol = SELF_CHECK_TOLERANCE.get(dtype, 0.5) if tolerance is None else float(tolerance)
-    device = _model_device(model)
-    extra, last_only, takes_positions = forward_kwargs(model)
-    step = MAX_GROUP
-    if not last_only:  # every position's logits come back: bound their memory
-        step = max(1, min(MAX_GROUP, _SELF_CHECK_LOGIT_BYTES // (4 * input_ids.shape[1] * clean_logprobs.shape[-1])))
     padded = pads_safely(model) if left_padding is None else bool(left_padding)
-    lengths = mask.sum(-1).tolist()
     worst = 0.0
-    for batch in batch_rows(lengths, step, padded):
-        # padded: consecutive rows, every column; else rows of one length, their real columns only
-        rows = slice(batch[0], batch[-1] + 1) if padded else torch.tensor(batch)
-        cols = slice(None) if padded else slice(input_ids.shape[1] - int(lengths[batch[0]]), None)
-        if takes_positions:
-            extra["position_ids"] = position_ids[rows][:, cols].to(device)
-        out = model(input_ids=input_ids[rows][:, cols].to(device), attention_mask=mask[rows][:, cols].to(device),
-                    use_cache=False, **extra)
-        logits = out.logits if hasattr(out, "logits") else out[0]  # [n, 1 or T, V']
-        ref = torch.log_softmax(logits[:, -1].double(), -1).cpu()  # [n, V'] float64
-        ours = clean_logprobs[rows].double()  # [n, V]
+    for batch, last in own_last_logits(model, encoded, MAX_GROUP, padded):
+        ref = torch.log_softmax(last.double(), -1).cpu()  # [n, V'] float64
+        ours = clean_logprobs[torch.tensor(batch)].double()  # [n, V]
         if ref.shape[-1] != ours.shape[-1]:
             raise UnsupportedModelError(
                 f"self-check: the engine's LM head gives {ours.shape[-1]} logits, {type(model).__name__}'s own "

@@ -374,23 +374,16 @@ def last_token_logprobs(model, tokenizer, prompts: Sequence[str], *, fmt: str, s
     (`chat_template_kwargs`: the chat format's template variables, as in `generate_responses`;
     a model whose outputs change under left padding gets batches of prompts of one length,
     `prompts.pads_safely`)."""
-    from .engine import forward_kwargs
-    from .prompts import batch_rows, encode, format_prompts, pads_safely
+    from .engine import own_last_logits
+    from .prompts import encode, format_prompts, pads_safely
 
     texts = format_prompts(tokenizer, list(prompts), fmt, system_prompt=system_prompt,
                            chat_template_kwargs=chat_template_kwargs)
-    device = next(model.parameters()).device
-    everything = encode(tokenizer, texts)  # [P, T] left padded; a batch keeps only its own columns
+    everything = encode(tokenizer, texts)  # [P, T] left padded
     out: torch.Tensor | None = None
-    # the LM head on the last position only where the forward allows it; no position ids for a model
-    # that numbers its positions itself (RoBERTa-style), as in the engine's self-check
-    last_only, _, takes_positions = forward_kwargs(model)
-    for rows in batch_rows(everything.attention_mask.sum(-1).tolist(), batch_size, pads_safely(model)):
-        enc = everything[torch.tensor(rows)].to(device)
-        positions = {"position_ids": enc.position_ids} if takes_positions else {}
-        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False,
-                       **positions, **last_only).logits[:, -1:]  # [B, 1, V] (not every forward takes logits_to_keep)
-        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # [B, V]; left padded: -1 is the last token
+    # the model itself, as the engine's self-check runs it (logits_to_keep and position ids where taken)
+    for rows, last in own_last_logits(model, everything, batch_size, pads_safely(model)):
+        lp = torch.log_softmax(last.float(), dim=-1).cpu()  # [n, V]
         if out is None:
             out = lp.new_empty(len(texts), lp.shape[-1])
         out[rows] = lp
