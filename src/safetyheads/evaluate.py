@@ -140,8 +140,7 @@ def ranking_label(csv: Path) -> str:
 
 def _file_method(csv: Path) -> str | None:
     """The method of a ranking file without a `method` column (sahara.csv): sahara.json, else the manifest."""
-    from .manifest import Manifest
-    from .results import read_manifest
+    from . import manifest as manifests
 
     side = csv.with_suffix(".json")
     if side.is_file():
@@ -151,7 +150,7 @@ def _file_method(csv: Path) -> str | None:
             method = None
         if method:
             return str(method)
-    return Manifest.from_dict(read_manifest(csv.parent)).method
+    return manifests.read(csv.parent).method
 
 
 def ranked_heads(csv: Path, method: str) -> list[Head]:

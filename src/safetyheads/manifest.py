@@ -1,8 +1,8 @@
 """The manifest schema: what a run folder's manifest.json holds, in one dataclass.
 
-`runs.RunDir` writes it (`Manifest.to_dict`), `results`, `report` and `evaluate` read it
-(`Manifest.from_dict` and the typed readers below), so no reader guesses alternative key names: a
-field lives where this file says. `config` is the command's own config (what `--resume` compares);
+`runs.RunDir` writes it (`Manifest.to_dict`); `results`, `report`, `reproduce` and `evaluate` read it
+with `read` (once per run folder) and the typed readers below, so no reader guesses alternative key
+names: a field lives where this file says. `config` is the command's own config (what `--resume` compares);
 where the readers look in it, per command:
 - ships, gships, sahara, screen, refusal: model, dataset, data {n_prompts, ids, options, sha256},
   method, epsilon, format, n_layers, n_heads, weights_sha256 (+ target for screen);
@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from . import files
+from .errors import UsageError
 
 # Written by every `RunDir.open`, even when None (a reader can tell "not recorded" from "absent").
 _ALWAYS = ("command", "argv", "cwd", "config", "model", "datasets", "versions", "git", "machine", "started")
@@ -180,3 +185,16 @@ class Manifest:
         except (TypeError, ValueError):
             return None
 
+
+
+def read(run: str | Path) -> Manifest:
+    """The manifest of run folder `run`; an empty one when the folder has none (readers show such a
+    folder's files with model and dataset unknown). A manifest that is not valid JSON is an error."""
+    path = Path(run) / files.MANIFEST
+    if not path.is_file():
+        return Manifest()
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON ({exc.msg})") from exc
+    return Manifest.from_dict(data)

@@ -605,34 +605,33 @@ def _prompt_counts(record: Manifest) -> str:
     return ", ".join("?" if n is None else str(n) for n in record.prompt_counts)
 
 
-def _when(manifest: dict) -> str:
+def _when(record: Manifest) -> str:
     """"2026-11-29 15:47 (3 min 12 s)": the manifest's start time and the run's compute time (summed
     over resumed sessions, see `Manifest.seconds`)."""
-    started = manifest.get("started")
+    started = record.started
     if not isinstance(started, str):
         return ""
     text = started[:16].replace("T", " ")
-    if not isinstance(manifest.get("finished"), str):
+    if not isinstance(record.finished, str):
         return f"{text} (unfinished)"
-    seconds = Manifest.from_dict(manifest).seconds
+    seconds = record.seconds
     return text if seconds is None else f"{text} ({format_duration(seconds)})"
 
 
-def _section_manifests(paths: Sequence[tuple[Path, dict, str]]) -> str:
+def _section_manifests(paths: Sequence[tuple[Path, Manifest, str]]) -> str:
     """The provenance of every number on the page: one row per run folder, the full manifests below."""
     rows, details = [], []
-    for path, manifest, kind in paths:
-        record = Manifest.from_dict(manifest)
+    for path, record, kind in paths:
         versions = record.versions
         if isinstance(versions, dict):
             shown = {k: v for k, v in versions.items() if k in _KEY_PACKAGES} or versions
             version_text = ", ".join(f"{k} {v}" for k, v in shown.items())
         else:
             version_text = _text(versions)
-        git = manifest.get("git") if isinstance(manifest.get("git"), dict) else {}
+        git = record.git if isinstance(record.git, dict) else {}
         sha = record.weights_sha256
         rows.append({
-            "run folder": path.name, "command": str(manifest.get("command") or kind),
+            "run folder": path.name, "command": str(record.command or kind),
             "model": record.model_name or "",
             "weights sha256": f"{sha[:12]}…" if isinstance(sha, str) and sha else "",
             "dataset": ", ".join(record.dataset_names),
@@ -641,12 +640,12 @@ def _section_manifests(paths: Sequence[tuple[Path, dict, str]]) -> str:
             or "; ".join(f"{a.get('method')} {a.get('heads')}" for a in record.ablations),
             "epsilon": str(record.epsilon or ""),
             "format": record.format or "",
-            "started (compute time)": _when(manifest),
+            "started (compute time)": _when(record),
             "git": (str(git.get("commit", ""))[:10] + (" (dirty)" if git.get("dirty") else "")) if git else "",
             "versions": version_text,
         })
         details.append(f"<details><summary>{_e(path)}/manifest.json</summary>"
-                       f"<pre>{_e(json.dumps(manifest, indent=2, sort_keys=True, default=str))}</pre></details>")
+                       f"<pre>{_e(json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str))}</pre></details>")
     table = pd.DataFrame(rows)
     parents = sorted({str(p.parent) for p, _, _ in paths})
     intro = (f"<p class='small'>Run folders in: {_e(', '.join(parents))}. A run started from the command line "

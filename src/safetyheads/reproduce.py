@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
-from .results import read_manifest
+from . import manifest as manifests
+from .manifest import Manifest
 from .runs import MANIFEST
 
 # Columns that identify a row (never compared with a tolerance; rows are matched on them).
@@ -49,12 +50,12 @@ class Comparison:
         return bool(len(self.files)) and bool(self.files["status"].isin(["identical", "close"]).all())
 
 
-def _read_manifest(run: Path) -> dict:
-    """The manifest of a run folder; a folder without one is an error here (results.read_manifest,
-    which parses it, tolerates it for display)."""
+def _read_manifest(run: Path) -> Manifest:
+    """The manifest of a run folder; a folder without one is an error here (manifest.read, which
+    parses it, tolerates it for display)."""
     if not (run / MANIFEST).is_file():
         raise UsageError(f"{run} is not a run folder (no {MANIFEST})")
-    return read_manifest(run)
+    return manifests.read(run)
 
 
 def _result_files(run: Path) -> list[str]:
@@ -111,11 +112,13 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
                           for k, v in r.items()} for r in rows])
 
 
-def _provenance(a: dict, b: dict) -> pd.DataFrame:
-    def get(m: dict, *path: str) -> Any:
+def _provenance(ma: Manifest, mb: Manifest) -> pd.DataFrame:
+    def get(m: Any, *path: str) -> Any:
         for p in path:
             m = m.get(p) if isinstance(m, dict) else None
         return m
+
+    a, b = ma.to_dict(), mb.to_dict()
 
     fields = {
         "model weights sha256": ("model", "weights_sha256"),
@@ -211,14 +214,14 @@ def rerun(run: str | Path, out: str | Path, *, rtol: float = 1e-4, atol: float =
 
     run, out = Path(run).resolve(), Path(out).resolve()
     manifest = _read_manifest(run)
-    argv = manifest.get("argv")
-    if not argv and manifest.get("part_of_command"):
-        raise UsageError(f"{run} was written as one part of `safetyheads {' '.join(manifest['part_of_command'])}`: "
+    argv = manifest.argv
+    if not argv and manifest.part_of_command:
+        raise UsageError(f"{run} was written as one part of `safetyheads {' '.join(manifest.part_of_command)}`: "
                          "rerun that command")
     if not argv:
         raise UsageError(f"{run} was written through the Python API (no command line in its manifest): call the "
                          "same function with manifest['config'] to reproduce it")
-    if not manifest.get("finished"):
+    if not manifest.finished:
         raise UsageError(f"{run} did not finish: resume it first (its command with --resume)")
     if out == run:
         raise UsageError("--out must be a new folder, not the run being reproduced")
@@ -229,7 +232,7 @@ def rerun(run: str | Path, out: str | Path, *, rtol: float = 1e-4, atol: float =
         command.append("--force")
     if quiet and "--quiet" not in command:
         command.append("--quiet")
-    with _working_dir(manifest.get("cwd")):
+    with _working_dir(manifest.cwd):
         rc = main(command)
     if rc != 0:
         raise UsageError(f"the rerun failed (exit {rc}): {' '.join(command)}")

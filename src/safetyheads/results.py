@@ -19,6 +19,7 @@ import pandas as pd
 from . import files, methods
 from .errors import UsageError
 from .heads import head_label
+from . import manifest as manifests
 from .manifest import Manifest
 from .runs import RunDir
 
@@ -100,17 +101,6 @@ def normalise_dataset(name: str | None) -> str:
     return text
 
 
-def read_manifest(run: Path) -> dict:
-    path = run / files.MANIFEST
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc.msg})") from exc
-    return data if isinstance(data, dict) else {}
-
-
 # ---------------------------------------------------------------- runs
 
 
@@ -119,7 +109,7 @@ class ScoresRun:
     """The scores of one method on one dataset (one run folder may hold several methods)."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest  # the run folder's manifest, read once (manifest.read)
     model: str
     dataset: str
     method: str
@@ -134,7 +124,7 @@ class ScoresRun:
     @property
     def screen_target(self) -> str:
         """What the screen estimated: gships or ships (from the manifest)."""
-        return Manifest.from_dict(self.manifest).target or "gships"
+        return self.manifest.target or "gships"
 
     def grid(self, column: str = "score") -> np.ndarray:
         """Generalized Ships as a [heads, layers] array (NaN where a head was not scored)."""
@@ -162,7 +152,7 @@ class ScoresRun:
 @dataclass
 class EvalRun:
     path: Path
-    manifest: dict
+    manifest: Manifest
     model: str
     method: str
     heads: str
@@ -241,7 +231,7 @@ def _with_rank(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
+def load_scores_runs(run: Path, record: Manifest) -> list[ScoresRun]:
     """Every (method) scores run a folder holds; empty when it holds no scores file."""
     gships = _read_csv(run / files.csv(files.GSHIPS), ("layer", "head", "score"))
     summary = _read_csv(run / files.csv(files.SHIPS_SUMMARY), ("layer", "head"))
@@ -250,7 +240,6 @@ def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
     refusal = _read_csv(run / files.csv(files.REFUSAL), ("layer", "head", "score"))
     if gships is None and summary is None and sahara is None and screen is None and refusal is None:
         return []
-    record = Manifest.from_dict(manifest)
     model = record.model_name or "unknown model"
     dataset = normalise_dataset(record.dataset)
     method = record.method or "unknown"
@@ -275,7 +264,7 @@ def load_scores_runs(run: Path, manifest: dict) -> list[ScoresRun]:
                 n_heads = max(n_heads, int(df["head"].max()) + 1)
         out.append(
             ScoresRun(
-                path=run, manifest=manifest, model=str(model), dataset=dataset, method=m,
+                path=run, manifest=record, model=str(model), dataset=dataset, method=m,
                 n_layers=n_layers, n_heads=n_heads, gships=g, summary=s,
                 sahara=sahara if m == method or len(methods) == 1 else None, screen=sc, refusal=rf,
             )
@@ -297,21 +286,20 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_eval_run(run: Path, manifest: dict) -> EvalRun | None:
+def load_eval_run(run: Path, record: Manifest) -> EvalRun | None:
     asr = _read_csv(run / files.csv(files.ASR), ("dataset", "condition", "asr"))
     helpfulness = _read_csv(run / files.csv(files.HELPFULNESS), ("metric", "condition", "value"))
     generations = _read_jsonl(run / files.GENERATIONS)
     if asr is None and helpfulness is None and not generations:
         return None
     ablated = next((g for g in generations if g.get("condition") == "ablated"), {})
-    record = Manifest.from_dict(manifest)
     method = record.method or ablated.get("method") or ""
     heads = record.heads or ablated.get("heads")
     model = record.model_name or ""
     agreement = _read_csv(run / files.csv(files.JUDGE_AGREEMENT), ("judge_a", "judge_b", "kappa"))
     versus = _read_csv(run / files.csv(files.FOUND_VS_RANDOM), ("ranking", "k", "asr_found", "asr_random", "p_value"))
     return EvalRun(
-        path=run, manifest=manifest, model=str(model), method=str(method), heads=format_heads(heads),
+        path=run, manifest=record, model=str(model), method=str(method), heads=format_heads(heads),
         asr=asr, helpfulness=helpfulness, generations=generations, judge_agreement=agreement,
         found_vs_random=versus,
     )
@@ -353,8 +341,8 @@ def load_study(paths: Iterable[str | Path]) -> Study:
     """Read run folders (scores and/or evaluation) into a Study."""
     study = Study()
     for run in find_run_dirs(paths):
-        manifest = read_manifest(run)
-        if not manifest:
+        manifest = manifests.read(run)
+        if not (run / files.MANIFEST).is_file():
             study.notes.append(f"{run}: no manifest.json; model and dataset unknown")
         scores = load_scores_runs(run, manifest)
         evaluation = load_eval_run(run, manifest)
@@ -378,10 +366,10 @@ def format_duration(seconds: float | None) -> str:
     return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
 
 
-def _run_status(run: Path, manifest: dict) -> str:
-    if manifest.get("finished"):
+def _run_status(run: Path, manifest: Manifest) -> str:
+    if manifest.finished:
         return "finished"
-    return f"unfinished: {len(RunDir(run, Manifest.from_dict(manifest)).chunk_keys())} chunks saved"
+    return f"unfinished: {len(RunDir(run, manifest).chunk_keys())} chunks saved"
 
 
 @dataclass
@@ -400,13 +388,13 @@ def summarize_runs(paths: Iterable[str | Path], top: int = 5, agreement: bool = 
         raise UsageError(f"--top must be at least 1 (got {top})")
     rows, asr_rows, all_scores = [], [], []
     for run in find_run_dirs(paths):
-        manifest = read_manifest(run)
-        datasets = manifest.get("datasets") or []
+        manifest = manifests.read(run)
+        datasets = manifest.datasets or []
         prompts = datasets[0].get("n") if len(datasets) == 1 and isinstance(datasets[0], dict) else None
-        time_text = format_duration(Manifest.from_dict(manifest).seconds)
-        if time_text and manifest.get("resumed") and "compute_seconds" not in manifest:
+        time_text = format_duration(manifest.seconds)
+        if time_text and manifest.resumed and manifest.compute_seconds is None:
             time_text += " (calendar span: resumed, no compute_seconds)"     # manifests from before compute_seconds
-        base = {"run": str(run), "command": manifest.get("command") or "", "status": _run_status(run, manifest),
+        base = {"run": str(run), "command": manifest.command or "", "status": _run_status(run, manifest),
                 "time": time_text}
         found = False
         for sr in load_scores_runs(run, manifest):
@@ -437,10 +425,9 @@ def summarize_runs(paths: Iterable[str | Path], top: int = 5, agreement: bool = 
                                  "method": r.get("method"), "heads": r.get("heads"), "judge": r.get("judge"),
                                  "n": r.get("n"), "asr": r.get("asr")})
         if not found:
-            record = Manifest.from_dict(manifest)
-            rows.append({**base, "model": record.model_name or "",
-                         "dataset": normalise_dataset(record.dataset),
-                         "prompts": prompts, "method": record.method or "", "ranking": "",
+            rows.append({**base, "model": manifest.model_name or "",
+                         "dataset": normalise_dataset(manifest.dataset),
+                         "prompts": prompts, "method": manifest.method or "", "ranking": "",
                          "top_heads": ""})
     columns = ["run", "command", "model", "dataset", "prompts", "method", "status", "time", "ranking", "top_heads"]
     asr_columns = ["run", "dataset", "condition", "method", "heads", "judge", "n", "asr"]

@@ -77,3 +77,16 @@ def test_extra_cannot_shadow_a_schema_field():
         record.to_dict()
     with pytest.raises(ValueError):
         record.set("config", {})
+
+
+def test_read_is_what_runs_wrote_and_tells_a_broken_file(tmp_path):
+    from safetyheads import manifest as manifests
+    from safetyheads.errors import UsageError
+
+    written = _written(tmp_path, SCORES_CONFIG)          # the JSON RunDir put on disk
+    record = manifests.read(tmp_path / "run")
+    assert record.to_dict() == written and record.method == "scaling" and record.n_heads == 4
+    assert manifests.read(tmp_path / "nowhere") == Manifest()   # no manifest.json: an empty record
+    (tmp_path / "run" / "manifest.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        manifests.read(tmp_path / "run")
