@@ -728,6 +728,13 @@ def _replay(cache: CleanCache, group: _Group, configs: list[Sequence[Head]], sta
     return layout.final_norm(model)(hidden[:, -cache.tail:])  # [rows, tail, D]
 
 
+#: Replayed tokens (rows x tokens per row) per chunk on a CPU. Enough for matrix products at full speed,
+#: few enough that a layer's activations stay in the last-level cache: on a 2-core EPYC (32 MiB L3),
+#: SmolLM2 over 5 AdvBench prompts x 270 heads ran 10.5-10.9 ms per (prompt, head) at 1,024-2,048
+#: tokens per chunk against 12.3 ms at 8,192 (eight interleaved runs, same scores to 2e-6).
+CPU_TOKENS_PER_CHUNK = 1024
+
+
 def _default_batch_size(cache: CleanCache) -> int:
     """Rows (config x prompt) per chunk: from free memory on CUDA; on CPU enough rows for efficient
     matrix products without holding gigabytes of activations."""
@@ -750,7 +757,7 @@ def _default_batch_size(cache: CleanCache) -> int:
     except (ValueError, OSError, AttributeError):
         avail = 4 << 30
     budget = min(2 << 30, 0.25 * avail)
-    return max(1, min(int(budget // per_row), max(1, 8192 // T)))
+    return max(1, min(int(budget // per_row), max(1, CPU_TOKENS_PER_CHUNK // T)))
 
 
 def _prefix_block_limit(cache: CleanCache) -> int:
