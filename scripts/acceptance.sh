@@ -14,7 +14,8 @@
 #   7. evaluate on all of JailbreakBench and MaliciousInstruct (prompts the rankings never saw):
 #      baseline, the top 1/3/10 of every ranking, and random heads (K = 1, 3, 10; 3 draws each, seed 0)
 #      under each method, greedy, 64 new tokens; asr.csv with Wilson intervals and McNemar p-values,
-#      dose_response.png/.svg.
+#      found_vs_random.csv, dose_response.png/.svg. Undifferentiated first (dose/evaluate-undifferentiated),
+#      then all 31 conditions (dose/evaluate) reusing its answers. The 2026-12-02 run: DOSE_LIMIT=10.
 #
 #   scripts/acceptance.sh                       # .venv/bin/safetyheads, runs/acceptance/, any device
 #   LIMIT=8 RUNS=/tmp/acc scripts/acceptance.sh # a quick smoke run on the first 8 prompts (and 8 harmless)
@@ -69,19 +70,25 @@ fi
 if has dose; then
   DOSE_SET=${DOSE_SET:-advbench}; DOSE_LIMIT=${DOSE_LIMIT:-${LIMIT:-50}}
   DOSE=(--model "$MODEL" --format chat --dataset "$DOSE_SET" --limit "$DOSE_LIMIT")
-  for method in undifferentiated scaling; do
-    step "dose: ships+gships $DOSE_SET $method" "$RUNS/dose/ships-$DOSE_SET-$method" \
-      "$SH" ships "${DOSE[@]}" --method "$method" --with-gships
-  done
-  step "dose: refusal $DOSE_SET undifferentiated" "$RUNS/dose/refusal-$DOSE_SET-undifferentiated" \
+  D=$RUNS/dose
+  EVAL=("$SH" evaluate "${COMMON[@]}" --dataset jailbreakbench --dataset maliciousinstruct
+        --top 1,3,10 --random 1,3,10 --repeats 3 --seed 0 --max-new-tokens 64 --greedy --batch-size 50 --no-helpfulness)
+  # in two stages, so that the undifferentiated half is a complete result before scaling starts:
+  # rankings of undifferentiated, its evaluation, then the scaling map and the whole evaluation
+  # (31 conditions) reusing the first stage's answers
+  step "dose: ships+gships $DOSE_SET undifferentiated" "$D/ships-$DOSE_SET-undifferentiated" \
+    "$SH" ships "${DOSE[@]}" --method undifferentiated --with-gships
+  step "dose: refusal $DOSE_SET undifferentiated" "$D/refusal-$DOSE_SET-undifferentiated" \
     "$SH" refusal "${DOSE[@]}" --method undifferentiated
-  step "dose: evaluate" "$RUNS/dose/evaluate" \
-    "$SH" evaluate "${COMMON[@]}" --dataset jailbreakbench --dataset maliciousinstruct \
-    --from "$RUNS/dose/ships-$DOSE_SET-undifferentiated" --from "$RUNS/dose/ships-$DOSE_SET-scaling" \
-    --from "$RUNS/dose/ships-$DOSE_SET-undifferentiated/ships_summary.csv" \
-    --from "$RUNS/dose/refusal-$DOSE_SET-undifferentiated" \
-    --top 1,3,10 --random 1,3,10 --repeats 3 --seed 0 --method undifferentiated,scaling \
-    --max-new-tokens 64 --greedy --batch-size 50 --no-helpfulness
+  step "dose: evaluate undifferentiated" "$D/evaluate-undifferentiated" "${EVAL[@]}" --method undifferentiated \
+    --from "$D/ships-$DOSE_SET-undifferentiated" --from "$D/ships-$DOSE_SET-undifferentiated/ships_summary.csv" \
+    --from "$D/refusal-$DOSE_SET-undifferentiated"
+  step "dose: ships+gships $DOSE_SET scaling" "$D/ships-$DOSE_SET-scaling" \
+    "$SH" ships "${DOSE[@]}" --method scaling --with-gships
+  step "dose: evaluate" "$D/evaluate" "${EVAL[@]}" --method undifferentiated,scaling \
+    --from "$D/ships-$DOSE_SET-undifferentiated" --from "$D/ships-$DOSE_SET-scaling" \
+    --from "$D/ships-$DOSE_SET-undifferentiated/ships_summary.csv" \
+    --from "$D/refusal-$DOSE_SET-undifferentiated" --reuse "$D/evaluate-undifferentiated"
 fi
 if has evaluate; then
   step "evaluate" "$RUNS/evaluate" \
