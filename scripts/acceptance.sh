@@ -13,9 +13,9 @@
 #      score (undifferentiated);
 #   7. evaluate on all of JailbreakBench and MaliciousInstruct (prompts the rankings never saw):
 #      baseline, the top 1/3/10 of every ranking, and random heads (K = 1, 3, 10; 3 draws each, seed 0)
-#      under each method, greedy, 64 new tokens; asr.csv with Wilson intervals and McNemar p-values,
-#      found_vs_random.csv, dose_response.png/.svg. Undifferentiated first (dose/evaluate-undifferentiated),
-#      then all 31 conditions (dose/evaluate) reusing its answers. The 2026-12-02 run: DOSE_LIMIT=10.
+#      under each method (scaling: K = $DOSE_RANDOM_SCALING), greedy, 64 new tokens; asr.csv with Wilson intervals and McNemar p-values,
+#      found_vs_random.csv, dose_response.png/.svg; one folder per method (dose/evaluate-undifferentiated,
+#      dose/evaluate-scaling). The 2026-12-02 run: DOSE_LIMIT=10 DOSE_RANDOM_SCALING=3,10 (time).
 #
 #   scripts/acceptance.sh                       # .venv/bin/safetyheads, runs/acceptance/, any device
 #   LIMIT=8 RUNS=/tmp/acc scripts/acceptance.sh # a quick smoke run on the first 8 prompts (and 8 harmless)
@@ -72,23 +72,20 @@ if has dose; then
   DOSE=(--model "$MODEL" --format chat --dataset "$DOSE_SET" --limit "$DOSE_LIMIT")
   D=$RUNS/dose
   EVAL=("$SH" evaluate "${COMMON[@]}" --dataset jailbreakbench --dataset maliciousinstruct
-        --top 1,3,10 --random 1,3,10 --repeats 3 --seed 0 --max-new-tokens 64 --greedy --batch-size 50 --no-helpfulness)
-  # in two stages, so that the undifferentiated half is a complete result before scaling starts:
-  # rankings of undifferentiated, its evaluation, then the scaling map and the whole evaluation
-  # (31 conditions) reusing the first stage's answers
+        --top 1,3,10 --repeats 3 --seed 0 --max-new-tokens 64 --greedy --batch-size 50 --no-helpfulness)
+  # one evaluation per method, undifferentiated first (a complete result before scaling starts); the
+  # scaling one reuses its baseline answers
   step "dose: ships+gships $DOSE_SET undifferentiated" "$D/ships-$DOSE_SET-undifferentiated" \
     "$SH" ships "${DOSE[@]}" --method undifferentiated --with-gships
   step "dose: refusal $DOSE_SET undifferentiated" "$D/refusal-$DOSE_SET-undifferentiated" \
     "$SH" refusal "${DOSE[@]}" --method undifferentiated
   step "dose: evaluate undifferentiated" "$D/evaluate-undifferentiated" "${EVAL[@]}" --method undifferentiated \
-    --from "$D/ships-$DOSE_SET-undifferentiated" --from "$D/ships-$DOSE_SET-undifferentiated/ships_summary.csv" \
-    --from "$D/refusal-$DOSE_SET-undifferentiated"
+    --random 1,3,10 --from "$D/ships-$DOSE_SET-undifferentiated" \
+    --from "$D/ships-$DOSE_SET-undifferentiated/ships_summary.csv" --from "$D/refusal-$DOSE_SET-undifferentiated"
   step "dose: ships+gships $DOSE_SET scaling" "$D/ships-$DOSE_SET-scaling" \
     "$SH" ships "${DOSE[@]}" --method scaling --with-gships
-  step "dose: evaluate" "$D/evaluate" "${EVAL[@]}" --method undifferentiated,scaling \
-    --from "$D/ships-$DOSE_SET-undifferentiated" --from "$D/ships-$DOSE_SET-scaling" \
-    --from "$D/ships-$DOSE_SET-undifferentiated/ships_summary.csv" \
-    --from "$D/refusal-$DOSE_SET-undifferentiated" --reuse "$D/evaluate-undifferentiated"
+  step "dose: evaluate scaling" "$D/evaluate-scaling" "${EVAL[@]}" --method scaling \
+    --random "${DOSE_RANDOM_SCALING:-1,3,10}" --from "$D/ships-$DOSE_SET-scaling" --reuse "$D/evaluate-undifferentiated"
 fi
 if has evaluate; then
   step "evaluate" "$RUNS/evaluate" \
