@@ -14,11 +14,13 @@ position for each (prompt, head).
 - engine: `prepare` once + ONE `sweep` over all single-head configurations.
 - cli: `safetyheads ships` on the same prompts in a subprocess (run folder, chunks, files), its
   manifest's `compute_seconds` (model loading excluded) and its wall time.
+- `--repeats N` times the engine and the CLI alternately N times and uses the medians (the naive
+  loops run once: their minutes dwarf the drift).
 
 Prints a table and writes JSON (`--json`). The floor is the FLOPs each approach has to do divided
 by the FLOP rate of a large matmul measured on this machine, in this process.
 
-    python benchmarks/engine_vs_naive.py --json bench.json [--naive-every 1] [--threads N]
+    python benchmarks/engine_vs_naive.py --json bench.json [--naive-every 1] [--threads N] [--repeats N]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,8 +151,12 @@ def main() -> None:
                     help="time the naive loops on every k-th head only (their time per (prompt, head) is the same)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-cli", action="store_true", help="skip the `safetyheads ships` subprocess")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time the engine and the CLI alternately this many times; ratios use the medians")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -166,10 +173,15 @@ def main() -> None:
     sweep(prepare(model, encode(tok, texts[:1])), configs[-H:], args.method, args.epsilon, want=("kl",), progress=False)
     naive_loop(model, tok, texts[:1], heads[-1:], args.method, args.epsilon)
 
-    t0 = time.perf_counter()
-    cache = prepare(model, encode(tok, texts))
-    result = sweep(cache, configs, args.method, args.epsilon, want=("kl",), progress=False)
-    t_engine = time.perf_counter() - t0
+    def time_engine():
+        t0 = time.perf_counter()
+        cache = prepare(model, encode(tok, texts))
+        result = sweep(cache, configs, args.method, args.epsilon, want=("kl",), progress=False)
+        return time.perf_counter() - t0, result
+
+    engine_times = []
+    t, result = time_engine()
+    engine_times.append(t)
     engine_kl = result.kl.T  # [P, L*H]
 
     sample = list(range(0, len(heads), args.naive_every))
@@ -182,7 +194,18 @@ def main() -> None:
                             last_logit_only=True)
     t_naive_last = time.perf_counter() - t0
 
-    cli = None if args.no_cli else cli_run(args)
+    # The engine and the CLI alternately, `--repeats` times: this machine's speed drifts by more than the
+    # CLI's overhead, so the ratio is taken between medians of interleaved samples.
+    cli, cli_times = None, []
+    for r in range(args.repeats):
+        if r:
+            engine_times.append(time_engine()[0])
+        if not args.no_cli:
+            cli = cli_run(args)
+            cli_times.append(cli["compute_s"])
+    t_engine = statistics.median(engine_times)
+    if cli is not None:
+        cli["compute_s"] = statistics.median(cli_times)
 
     ours = engine_kl[:, sample]
     diff = (ours - naive_kl).abs()
@@ -196,6 +219,7 @@ def main() -> None:
         "model": args.model, "dataset": args.dataset, "prompts": len(texts), "prompt_tokens": lengths,
         "heads": len(heads), "method": args.method, "epsilon": args.epsilon, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "naive_heads_timed": len(sample),
+        "repeats": args.repeats, "engine_s_samples": engine_times, "cli_compute_s_samples": cli_times,
         "engine_s": t_engine, "naive_s": t_naive, "naive_last_logit_s": t_naive_last,
         "engine_ms_per_prompt_head": 1e3 * per_engine, "naive_ms_per_prompt_head": 1e3 * per_naive,
         "naive_last_logit_ms_per_prompt_head": 1e3 * per_last,
