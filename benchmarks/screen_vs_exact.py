@@ -82,9 +82,7 @@ def main() -> None:
         t0 = time.perf_counter()
         cache = engine.prepare(model, enc)
         res = engine.sweep(cache, [[h] for h in heads], method, args.epsilon, want=("kl", "hidden"), progress=True)
-        basis = scores.clean_subspace(res.clean_hidden, 1)
-        exact_angle = np.array([scores.generalized_ships(res.clean_hidden, res.hidden[c], 1, clean_basis=basis)
-                                for c in range(len(heads))])
+        exact_angle = scores.generalized_ships_batch(res.clean_hidden, res.hidden, 1)  # [C] degrees
         t_exact = time.perf_counter() - t0
         exact = {"ships": res.kl.mean(1).numpy(), "gships": exact_angle}
         print(f"[{method}] exact sweep {t_exact:.1f}s", flush=True)

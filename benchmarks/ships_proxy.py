@@ -35,10 +35,6 @@ from safetyheads.models import load_model
 from safetyheads.prompts import encode, format_prompts
 
 
-def _top(values: np.ndarray, k: int) -> set[int]:
-    return set(np.argsort(-values, kind="stable")[:k].tolist())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -66,16 +62,16 @@ def main() -> None:
         cache = engine.prepare(model, enc)
         res = engine.sweep(cache, [[h] for h in heads], method, args.epsilon, want=("kl", "hidden"), progress=False)
         t_exact = time.perf_counter() - t0
-        ships = res.kl.mean(1).numpy()  # [C] exact Ships, mean over prompts
-        basis = scores.clean_subspace(res.clean_hidden, 1)
-        exact_gships = np.array([scores.generalized_ships(res.clean_hidden, res.hidden[c], 1, clean_basis=basis)
-                                 for c in range(len(heads))])
-        truth = _top(ships, 10)
+        ships = res.kl.mean(1).numpy().reshape(n_layers, n_heads)  # [L, H] exact Ships, mean over prompts
+        exact_gships = scores.generalized_ships_batch(res.clean_hidden, res.hidden, 1).reshape(n_layers, n_heads)
+        truth = set(S.top_heads(ships, 10))
 
         def row(name: str, est: np.ndarray, seconds: float | None, n_backward: int | None) -> dict:
+            """One proxy's agreement with the exact Ships map; `est` is [L, H]."""
             r = {"model": args.model, "method": method, "proxy": name, "prompts": len(ps.prompts),
-                 "spearman_vs_exact_ships": float(spearmanr(est, ships)[0]),
-                 "exact_top10_in_top10": len(truth & _top(est, 10)), "exact_top10_in_top40": len(truth & _top(est, 40)),
+                 "spearman_vs_exact_ships": float(spearmanr(est.ravel(), ships.ravel())[0]),
+                 "exact_top10_in_top10": len(truth & set(S.top_heads(est, 10))),
+                 "exact_top10_in_top40": len(truth & set(S.top_heads(est, 40))),
                  "screen_s": seconds, "n_backward": n_backward, "exact_s": t_exact,
                  "speedup_vs_exact": None if seconds is None else t_exact / seconds}
             print(json.dumps(r), flush=True)
@@ -89,7 +85,7 @@ def main() -> None:
             t0 = time.perf_counter()
             scr = S.screen(model, enc, method, args.epsilon, batch_size=args.batch_size, progress=False, **options)
             seconds = time.perf_counter() - t0
-            est = np.array([float(scr.head_scores(target)[a, b]) for a, b in heads])
+            est = scr.head_scores(target).numpy()  # [L, H]
             rows.append(row(name, est, seconds, scr.n_backward))
         rows.append(row("exact gships", exact_gships, None, None))
     if args.json:
