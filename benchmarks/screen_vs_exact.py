@@ -7,7 +7,7 @@ For each ablation method: the exact sweep (engine.prepare + engine.sweep over al
 KL and hidden states from the same passes) gives the exact Ships (mean KL over prompts) and
 Generalized Ships (rank 1) of every head; the screen estimates each target; auto mode screens and
 then scores its top K exactly. Reported per (method, target): Spearman of screen vs exact over
-heads, recall of the exact top 10 within the screen's top 10 and top 40, the overlap of auto's top
+heads, recall of the exact top 10 within the screen's top 10, 20 and 40, the overlap of auto's top
 10 with the exact top 10, and the times with the speed-ups over exact. Writes a JSON next to the
 printed markdown table when --json is given.
 """
@@ -24,7 +24,7 @@ import torch
 from scipy.stats import spearmanr
 
 from safetyheads import engine, scores
-from safetyheads.config import SCREEN_PROBES, SUBSPACE_PROBES
+from safetyheads.config import SCREEN_PROBES, SCREEN_RANDOM_PROBES, SUBSPACE_PROBES
 from safetyheads import screen as S
 from safetyheads.ablation import num_layers_heads
 from safetyheads.data import load_prompts
@@ -43,6 +43,7 @@ def _variant_row(model, method, target, variant, result, heads, exact, truth10, 
     return {"model": model, "method": method, "target": f"{target}[{variant}]",
             "spearman": float(spearmanr(est, exact[target])[0]),
             "recall10_in_top10": len(truth10 & _top(est, heads, 10)),
+            "recall10_in_top20": len(truth10 & _top(est, heads, 20)),
             "recall10_in_top40": len(truth10 & _top(est, heads, 40)),
             "auto_top10_match": "-", "t_screen_s": t_var, "t_auto_s": float("nan"),
             "t_exact_s": t_exact, "speedup_screen": t_exact / t_var, "speedup_auto": float("nan"), **extra}
@@ -57,7 +58,8 @@ def main() -> None:
     ap.add_argument("--methods", default="undifferentiated,scaling")
     ap.add_argument("--epsilon", type=float, default=1e-5)
     ap.add_argument("--probes", type=int, default=SCREEN_PROBES)
-    ap.add_argument("--ships-variants", default="1+0,8+0,1+2",
+    ap.add_argument("--random-probes", type=int, default=SCREEN_RANDOM_PROBES)
+    ap.add_argument("--ships-variants", default="1+0,8+0",
                     help="extra ships screens to compare, EIGEN+RANDOM probes each (screen time only)")
     ap.add_argument("--subspace-probes", type=int, default=SUBSPACE_PROBES)
     ap.add_argument("--gships-variants", default="0,full",
@@ -89,12 +91,13 @@ def main() -> None:
         for target in ("ships", "gships"):
             t0 = time.perf_counter()
             scr = S.screen(model, enc, method, args.epsilon, targets=(target,), probes=args.probes,
-                           subspace_probes=args.subspace_probes, batch_size=args.batch_size, progress=False)
+                           random_probes=args.random_probes, subspace_probes=args.subspace_probes, batch_size=args.batch_size, progress=False)
             t_screen = time.perf_counter() - t0
             est = np.array([float(scr.head_scores(target)[a, b]) for a, b in heads])
             t0 = time.perf_counter()
             auto = S.auto_scores(model, enc, method, args.epsilon, target=target, top_k=args.top_k,
-                                 probes=args.probes, subspace_probes=args.subspace_probes,
+                                 probes=args.probes, random_probes=args.random_probes,
+                                 subspace_probes=args.subspace_probes,
                                  batch_size=args.batch_size, progress=False)
             t_auto = time.perf_counter() - t0
             auto_vals = auto.exact_kl.mean(1).numpy() if target == "ships" else auto.exact_angle
@@ -103,6 +106,7 @@ def main() -> None:
                 "model": args.model, "method": method, "target": target, "prompts": len(ps.prompts),
                 "spearman": float(spearmanr(est, exact[target])[0]),
                 "recall10_in_top10": len(truth10 & _top(est, heads, 10)),
+                "recall10_in_top20": len(truth10 & _top(est, heads, 20)),
                 "recall10_in_top40": len(truth10 & _top(est, heads, 40)),
                 "auto_top10_match": len(truth10 & _top(auto_vals, auto.heads, 10)),
                 "t_screen_s": t_screen, "t_auto_s": t_auto, "t_exact_s": t_exact,
@@ -138,7 +142,7 @@ def main() -> None:
                                     fisher_captured_mean=float(var.fisher_captured.mean()))
                 rows.append(vrow)
                 print(json.dumps(vrow), flush=True)
-    cols = ["method", "target", "spearman", "recall10_in_top10", "recall10_in_top40", "auto_top10_match",
+    cols = ["method", "target", "spearman", "recall10_in_top10", "recall10_in_top20", "recall10_in_top40", "auto_top10_match",
             "t_screen_s", "t_auto_s", "t_exact_s", "speedup_screen", "speedup_auto"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

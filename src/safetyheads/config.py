@@ -17,9 +17,13 @@ FORMATS = ("chat", "paper", "reference", "raw")  # prompts.py implements them (a
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-# Fisher eigen-probes of the Ships screen (screen.py; here so the CLI's --help needs no torch):
-# 8 put 9-10 of the exact top 10 in the screen's top 40 in benchmarks/screen_vs_exact.md, 1 puts 8-9.
+# Probes of the Ships screen (screen.fisher_probes; here so the CLI's --help needs no torch): the top 8
+# Fisher eigen-directions, one backward pass each, and no random probes. benchmarks/screen_vs_exact.md:
+# 8+0 puts 9-10 of the exact top 10 in the screen's top 40 (Spearman 0.96-0.99); 1 eigen + 2 Gaussian
+# probes of the rest (--probes 1 --random-probes 2) is 1.5-2x faster and as good with 20 prompts, but noisier
+# with 8 (Qwen2.5-0.5B: Spearman 0.93-0.96, 8-9 of 10 in the top 40): the random part averages over prompts.
 SCREEN_PROBES = 8
+SCREEN_RANDOM_PROBES = 0
 # Extra backward passes of the Generalized Ships screen for the second term of the subspace rotation
 # (screen.SubspaceProbes): the largest 2 singular directions beyond the rank exactly, 2 random-sign probes
 # for the rest. Up to 4 + rank prompts this is the complete first-order formula.

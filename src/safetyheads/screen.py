@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from . import ablation, files, layout, lm_head, methods, scores
 from .config import SCREEN_PROBES as DEFAULT_PROBES
+from .config import SCREEN_RANDOM_PROBES as DEFAULT_RANDOM_PROBES
 from .config import SUBSPACE_PROBES as DEFAULT_SUBSPACE_PROBES
 from .errors import UsageError
 
@@ -71,7 +72,8 @@ class ScreenResult:
 
     ships:   [P, L, H] float64, estimated KL(p_clean || p_ablated) per prompt and head (or None).
     gships:  [L, H] float64, estimated Generalized Ships (sum of principal angles, degrees) (or None).
-    fisher_captured: [P] float64, share of tr(G) that the Ships probes keep (1.0 = exact quadratic form).
+    fisher_captured: [P] float64, share of tr(G) that the Ships eigen-probes keep exactly (1.0 = exact
+                     quadratic form); the random probes, if any, estimate the rest without bias.
     """
 
     method: str
@@ -84,6 +86,7 @@ class ScreenResult:
     rank: int = 1
     center: bool = False
     probes: int = 0
+    random_probes: int = 0    # ships: Gaussian probes of the Fisher spectrum beyond the `probes` eigen-directions
     subspace_exact: int = 0   # gships: directions j ≥ R probed exactly (second term of the rotation)
     subspace_random: int = 0  # gships: random-sign probes of the remaining j (backward passes)
     n_forward: int = 0
@@ -235,8 +238,8 @@ def fisher_probes(model: nn.Module, h: torch.Tensor, probes: int, tokens: int = 
     KL: the first `probes` are eigenvector · √eigenvalue (the exact rank-`probes` part), the
     `random_probes` others are Gaussian draws from the remaining spectrum, scaled by
     1/√random_probes, which make the estimate unbiased for the whole (top-token) Fisher matrix at
-    the price of sampling noise. Also returns the share of tr(G) the eigen-probes keep [B] and the
-    clean log-probs [B, V].
+    the price of sampling noise. Row r draws from a generator seeded with `seed + r`. Also returns
+    the share of tr(G) the eigen-probes keep [B] and the clean log-probs [B, V].
     """
     logp, weight, slope = _logit_jacobian(model, h)
     with torch.no_grad():
@@ -263,10 +266,17 @@ def fisher_probes(model: nn.Module, h: torch.Tensor, probes: int, tokens: int = 
         q = evecs[:, :, :m].transpose(1, 2) @ a  # [B, m, D]: rows σ_j v_j (norm √λ_j)
         captured = evals[:, :m].sum(-1) / trace.clamp_min(1e-300)
         if random_probes > 0 and evals.shape[1] > m:
-            # Σ_{j>m} ξ_j σ_j v_j = (U_rest ξ)ᵀ a: a Gaussian draw from the rest of the spectrum.
-            gen = torch.Generator().manual_seed(seed)
-            xi = torch.randn(evals.shape[0], random_probes, evals.shape[1] - m, generator=gen, dtype=torch.float64)
-            rest = xi.to(a.device) @ evecs[:, :, m:].transpose(1, 2) @ a  # [B, n, D]
+            # (P_rest ξ)ᵀ a with ξ ~ N(0, I_K) and P_rest = I − U_m U_mᵀ: a Gaussian draw with covariance
+            # Σ_{j>m} σ_j² v_j v_jᵀ (the rest of the spectrum). Projecting a token-space draw, instead of
+            # drawing coefficients of the remaining eigenvectors, depends on the eigenvectors only
+            # through their span, so signs and rotations inside degenerate eigenspaces cannot change it.
+            # One generator per prompt (seed + row): a prompt gets the same draw whichever slice holds it.
+            xi = torch.stack([torch.randn(random_probes, evals.shape[1], dtype=torch.float64,
+                                          generator=torch.Generator().manual_seed(seed + row))
+                              for row in range(evals.shape[0])]).to(a.device)  # [B, n, K]
+            top = evecs[:, :, :m]  # [B, K, m]
+            xi = xi - (xi @ top) @ top.transpose(1, 2)  # [B, n, K]: P_rest ξ
+            rest = xi @ a  # [B, n, D]
             q = torch.cat([q, rest / math.sqrt(random_probes)], 1)  # [B, m+n, D]
         q = q.to(h.dtype)
     return q, captured.clamp(max=1.0), logp
@@ -385,7 +395,7 @@ def check_screen_method(method: str) -> None:
 
 
 def check_screen_args(method: str, epsilon: float, targets: Sequence[str], probes: int, rank: int,
-                      n_prompts: int, subspace_probes: int = 0) -> None:
+                      n_prompts: int, subspace_probes: int = 0, random_probes: int = 0) -> None:
     check_screen_method(method)
     methods.checked(method, epsilon)
     bad = [t for t in targets if t not in TARGETS]
@@ -395,6 +405,8 @@ def check_screen_args(method: str, epsilon: float, targets: Sequence[str], probe
         raise UsageError(f"--probes must be at least 1, got {probes}")
     if subspace_probes < 0:
         raise UsageError(f"--subspace-probes must be 0 or more, got {subspace_probes}")
+    if random_probes < 0:
+        raise UsageError(f"--random-probes must be 0 or more, got {random_probes}")
     if "gships" in targets and not 1 <= rank < n_prompts:
         raise UsageError(f"--rank must be between 1 and the number of prompts minus 1 ({n_prompts - 1}), got {rank}")
 
@@ -432,17 +444,18 @@ class Screener:
     """
 
     def __init__(self, model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
-                 targets: Sequence[str] = ("ships", "gships"), probes: int = DEFAULT_PROBES, random_probes: int = 0,
+                 targets: Sequence[str] = ("ships", "gships"), probes: int = DEFAULT_PROBES,
+                 random_probes: int = DEFAULT_RANDOM_PROBES,
                  rank: int = 1, center: bool = False, full_subspace: bool = False,
                  subspace_probes: int = DEFAULT_SUBSPACE_PROBES, seed: int = 0,
                  clean_hidden: torch.Tensor | None = None, batch_size: int = 8):
         self.targets = tuple(targets)
         self.n_prompts = len(encoded)
-        check_screen_args(method, epsilon, self.targets, probes, rank, self.n_prompts, subspace_probes)
+        check_screen_args(method, epsilon, self.targets, probes, rank, self.n_prompts, subspace_probes, random_probes)
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
         self.model, self.encoded, self.method, self.epsilon = model, encoded, method, float(epsilon)
-        self.probes, self.random_probes = probes, random_probes
+        self.probes, self.random_probes, self.seed = probes, random_probes, int(seed)
         self.n_layers, self.n_heads = ablation.num_layers_heads(model)
         from .prompts import pads_safely
 
@@ -451,7 +464,8 @@ class Screener:
         self.device = next(model.parameters()).device
         self.result = ScreenResult(method=method, epsilon=float(epsilon), n_layers=self.n_layers,
                                    n_heads=self.n_heads, rank=rank, center=center,
-                                   probes=probes if "ships" in self.targets else 0)
+                                   probes=probes if "ships" in self.targets else 0,
+                                   random_probes=random_probes if "ships" in self.targets else 0)
         self.basis: SubspaceProbes | None = None
         if "gships" in self.targets:
             # gships needs the clean subspace first: one plain forward pass over all prompts.
@@ -493,7 +507,7 @@ class Screener:
         directions: list[torch.Tensor] = []  # each [b, D]
         if "ships" in self.targets:
             q, cap, _ = fisher_probes(self.model, h.detach(), self.probes, random_probes=self.random_probes,
-                                      seed=s.start)  # q [b, m, D]
+                                      seed=self.seed * 1_000_003 + s.start)  # q [b, m, D]
             out["captured"] = cap.double().cpu()
             out["ships"] = torch.zeros(h.shape[0], L, H, dtype=torch.float64)
             directions += [q[:, j] for j in range(q.shape[1])]
@@ -588,8 +602,8 @@ class AutoResult:
 
 def auto_scores(model: nn.Module, encoded, method: str = "undifferentiated", epsilon: float = 1e-5, *,
                 target: str = "gships", top_k: int = 40, probes: int = DEFAULT_PROBES,
-                subspace_probes: int = DEFAULT_SUBSPACE_PROBES, rank: int = 1,
-                center: bool = False, allowed: Sequence[Head] | None = None, batch_size: int = 8,
+                random_probes: int = DEFAULT_RANDOM_PROBES, subspace_probes: int = DEFAULT_SUBSPACE_PROBES,
+                rank: int = 1, center: bool = False, allowed: Sequence[Head] | None = None, batch_size: int = 8,
                 progress: bool = True) -> AutoResult:
     """Screen every head, then score the screen's `top_k` heads (among `allowed`) exactly with the
     sweep engine. The engine's clean pass also supplies the clean subspace for the screen."""
@@ -601,7 +615,7 @@ def auto_scores(model: nn.Module, encoded, method: str = "undifferentiated", eps
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     t0 = time.perf_counter()
     cache = engine.prepare(model, encoded)  # the exact sweep needs it; the screen reuses its hidden states
-    result = screen(model, encoded, method, epsilon, targets=(target,), probes=probes,
+    result = screen(model, encoded, method, epsilon, targets=(target,), probes=probes, random_probes=random_probes,
                     subspace_probes=subspace_probes, rank=rank, center=center, clean_hidden=cache.clean_hidden,
                     batch_size=batch_size, progress=progress)
     ranking = top_heads(result.head_scores(target), result.n_layers * result.n_heads)
@@ -644,7 +658,8 @@ ACCURACY_NOTE = ("screen scores are gradient estimates, not exact scores. Measur
 def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any = "chat", *,
                out: str | Path, method: str = "undifferentiated", epsilon: float = 1e-5,
                target: str = "gships", mode: str = "screen", top_k: int = 40, probes: int = DEFAULT_PROBES,
-               subspace_probes: int = DEFAULT_SUBSPACE_PROBES, rank: int = 1, center: bool = False,
+               random_probes: int = DEFAULT_RANDOM_PROBES, subspace_probes: int = DEFAULT_SUBSPACE_PROBES,
+               rank: int = 1, center: bool = False,
                layers: str | None = None, heads: str | None = None, batch_size: int = 8,
                chunk_rows: int | None = None, resume: bool = False, force: bool = False,
                quiet: bool = False) -> ScreenRun:
@@ -670,11 +685,12 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     chunk_rows = pipeline.CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
     inputs = pipeline.resolve("screen", model, data, prompt, method=method, epsilon=epsilon, layers=layers,
                               heads=heads, extra={"target": target, "mode": mode, "top_k": int(top_k),
-                                                  "probes": int(probes), "subspace_probes": int(subspace_probes),
+                                                  "probes": int(probes), "random_probes": int(random_probes),
+                                                  "subspace_probes": int(subspace_probes),
                                                   "rank": int(rank), "center": bool(center),
                                                   "batch_size": int(batch_size), "chunk_rows": chunk_rows})
     n_prompts = len(inputs.texts)
-    check_screen_args(method, epsilon, (target,), probes, rank, n_prompts, subspace_probes)
+    check_screen_args(method, epsilon, (target,), probes, rank, n_prompts, subspace_probes, random_probes)
     if target == "gships":
         scores.check_rank(rank, n_prompts, center=center)
     run = pipeline.open_run(out, inputs, resume=resume, force=force)
@@ -683,7 +699,7 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     t0 = time.perf_counter()
     # the engine's clean pass: the exact stage needs it, and it supplies the screen's clean subspace
     cache = pipeline.clean_cache(inputs) if (mode == "auto" or target == "gships") else None
-    screener = Screener(lm, encoded, method, epsilon, targets=(target,), probes=probes,
+    screener = Screener(lm, encoded, method, epsilon, targets=(target,), probes=probes, random_probes=random_probes,
                         subspace_probes=subspace_probes, rank=rank, center=center, batch_size=batch_size,
                         clean_hidden=cache.clean_hidden if cache is not None else None)
     keys = {f"screen_P{s.start:05d}": s for s in screener.slices}
@@ -707,7 +723,7 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     run.write_table(files.SCREEN, table)
     finish: dict[str, Any] = {"screen_top_heads": pipeline.head_list(table.head(10)),
                               "n_forward": result.n_forward, "n_backward_per_slice":
-                              screener.n_directions + (probes if target == "ships" else 0),
+                              screener.n_directions + (probes + random_probes if target == "ships" else 0),
                               "subspace_exact": result.subspace_exact, "subspace_random": result.subspace_random}
     if result.fisher_captured is not None:
         finish["fisher_captured_mean"] = float(result.fisher_captured.mean())

@@ -60,7 +60,8 @@ def _all_probes(model) -> int:
 def test_small_scaling_matches_exact(arch, gqa):
     """ε = 0.98 scales every head output by 0.98: second-order KL and first-order angles hold."""
     model, enc = _model(arch, gqa), _encoded()
-    res = S.screen(model, enc, "scaling", 0.98, probes=_all_probes(model), full_subspace=True, progress=False)
+    res = S.screen(model, enc, "scaling", 0.98, probes=_all_probes(model),
+                   random_probes=0, full_subspace=True, progress=False)
     kl, angle = _exact(model, enc, "scaling", 0.98)
     assert torch.allclose(res.fisher_captured, torch.ones_like(res.fisher_captured), atol=1e-9)
     assert float(kl.min()) > 0
@@ -74,7 +75,8 @@ def test_uniform_output_change_is_the_ablations():
     """`uniform` (attention over the visible prefix, padding excluded, sliding windows kept):
     with near-uniform attention already, the change is small and the estimate matches."""
     model, enc = _model("mistral", True, weak_attention=True), _encoded(1)
-    res = S.screen(model, enc, "uniform", probes=_all_probes(model), targets=("ships",), progress=False)
+    res = S.screen(model, enc, "uniform", probes=_all_probes(model),
+                   random_probes=0, targets=("ships",), progress=False)
     kl, _ = _exact(model, enc, "uniform", 1e-5)
     rel = (res.ships - kl).abs() / kl
     assert float(rel.median()) < 0.05, rel
@@ -83,11 +85,44 @@ def test_uniform_output_change_is_the_ablations():
 def test_fewer_probes_underestimate_by_the_captured_share():
     """Truncating the Fisher matrix can only lose mass: each estimate shrinks monotonically."""
     model, enc = _model(), _encoded()
-    few = S.screen(model, enc, "scaling", 0.98, probes=2, targets=("ships",), progress=False)
-    full = S.screen(model, enc, "scaling", 0.98, probes=_all_probes(model), targets=("ships",), progress=False)
+    few = S.screen(model, enc, "scaling", 0.98, probes=2, random_probes=0, targets=("ships",), progress=False)
+    full = S.screen(model, enc, "scaling", 0.98, probes=_all_probes(model),
+                   random_probes=0, targets=("ships",), progress=False)
     assert bool((few.ships <= full.ships * (1 + 1e-9)).all())
     assert bool((few.fisher_captured < 1).all()) and bool((few.fisher_captured > 0).all())
     assert few.n_backward == 2 and full.n_backward == _all_probes(model)
+
+
+def test_random_fisher_probes_are_unbiased_for_the_quadratic_form():
+    """½ Σ_j (q_jᵀ d)² with 1 eigen-probe + Gaussian probes of the rest (the default) averages to the
+    Fisher quadratic form ½ dᵀ Jᵀ(diag p − ppᵀ)J d, J taken by autograd through the LM head (the
+    oracle; the tiny vocabulary is smaller than FISHER_TOKENS, so the top-token Fisher is all of it)."""
+    model, enc = _model(), _encoded()
+    with torch.no_grad():
+        h = S._last_hidden(model, enc)[:2]  # [2, D]
+    head = model.get_output_embeddings()
+    assert head.weight.shape[0] <= S.FISHER_TOKENS
+    d = torch.randn(h.shape, generator=torch.Generator().manual_seed(1), dtype=h.dtype)  # [2, D]
+    truth = []
+    for r in range(2):
+        jac = torch.autograd.functional.jacobian(lambda x: head(x), h[r])  # [V, D]
+        p = torch.softmax(head(h[r]), -1).detach()
+        fisher = torch.diag(p) - torch.outer(p, p)
+        jd = jac @ d[r]
+        truth.append(float(0.5 * jd @ fisher @ jd))
+    draws = []
+    for seed in range(400):
+        q, _, _ = S.fisher_probes(model, h, 1, random_probes=2, seed=1000 * seed)  # [2, 3, D]
+        draws.append(0.5 * ((q @ d[:, :, None])[..., 0] ** 2).sum(-1))  # [2]
+    draws = torch.stack(draws)  # [400, 2]
+    mean, sem = draws.mean(0), draws.std(0) / 400 ** 0.5
+    for r in range(2):
+        assert abs(float(mean[r]) - truth[r]) < 4 * float(sem[r]), (float(mean[r]), truth[r], float(sem[r]))
+        assert float(draws[:, r].std()) > 0  # the random part does vary
+    # the same seed gives the same probes; a prompt's draw does not depend on its batch
+    a, _, _ = S.fisher_probes(model, h, 1, random_probes=2, seed=5)
+    b, _, _ = S.fisher_probes(model, h[1:], 1, random_probes=2, seed=6)
+    assert torch.allclose(a[1:], b, rtol=1e-5, atol=1e-6)  # eigh's rounding differs with the batch
 
 
 def test_real_ablation_ranking_agrees():
@@ -103,11 +138,16 @@ def test_real_ablation_ranking_agrees():
 
 def test_batches_and_padding_do_not_change_estimates():
     model, enc = _model(), _encoded()
-    one = S.screen(model, enc, "undifferentiated", probes=3, batch_size=len(enc), progress=False)
-    split = S.screen(model, enc, "undifferentiated", probes=3, batch_size=2, progress=False)
+    # random Fisher probes too: each prompt draws its own, whichever slice holds it
+    one = S.screen(model, enc, "undifferentiated", probes=3, random_probes=2, batch_size=len(enc), progress=False)
+    split = S.screen(model, enc, "undifferentiated", probes=3, random_probes=2, batch_size=2, progress=False)
     assert torch.allclose(one.ships, split.ships, rtol=1e-6, atol=1e-12)
     assert torch.allclose(one.gships, split.gships, rtol=1e-6, atol=1e-12)
-    alone = S.screen(model, enc[1:2], "undifferentiated", probes=3, targets=("ships",), progress=False)
+    # a prompt screened alone: the same estimate (the random Fisher probes are drawn per prompt index,
+    # so this comparison uses eigen-probes only)
+    one = S.screen(model, enc, "undifferentiated", probes=3, random_probes=0, targets=("ships",), progress=False)
+    alone = S.screen(model, enc[1:2], "undifferentiated", probes=3, random_probes=0, targets=("ships",),
+                     progress=False)
     assert torch.allclose(alone.ships[0], one.ships[1], rtol=1e-6, atol=1e-12)
 
 
@@ -132,6 +172,7 @@ def test_table_and_parameters_untouched():
     (dict(probes=0), "probes"),
     (dict(rank=6), "rank"),
     (dict(subspace_probes=-1), "subspace-probes"),
+    (dict(random_probes=-1), "random-probes"),
 ])
 def test_bad_arguments(kwargs, match):
     model, enc = _model(), _encoded()
@@ -206,6 +247,18 @@ def test_screen_cli(chat_loaded, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "screen.csv" in text and "note:" in text
     assert (out / "screen.csv").is_file() and not (out / "ships.csv").exists()
+    from safetyheads import manifest
+    assert manifest.read(out).config["random_probes"] == 0  # the default: eigen-probes only
+    sampled = tmp_path / "run_random"
+    assert main(argv[:argv.index("--out")] + ["--out", str(sampled)] + argv[argv.index("--out") + 2:]
+                + ["--random-probes", "2"]) == 0
+    assert manifest.read(sampled).config["random_probes"] == 2
+    with_random, without = pd.read_csv(sampled / "screen.csv"), pd.read_csv(out / "screen.csv")
+    key = ["layer", "head"]
+    both = with_random.merge(without, on=key)
+    # eigen-probes alone keep a share of tr(G): a lower bound of the unbiased estimate on average
+    assert not np.allclose(both["score_x"], both["score_y"]) and both["score_y"].mean() < both["score_x"].mean()
+    capsys.readouterr()
     assert main(argv) == 2  # the folder holds this run now: refuse without --resume/--force
     assert main(argv[:-1] + ["--method", "mean", "--force", "--quiet"]) == 2
     assert "screen supports" in capsys.readouterr().err
