@@ -79,6 +79,11 @@ def main() -> None:
     print(f"{args.model}: {n_layers}x{n_heads} heads, {len(ps.prompts)} {args.dataset} prompts ({args.format}), "
           f"tokens {tuple(enc.input_ids.shape)}, torch threads {torch.get_num_threads()}, {platform.processor()}",
           flush=True)
+    # warm-up, untimed: first-call allocations and thread pools would otherwise fall on whichever
+    # approach runs first (the exact sweep, then the first screen with autograd)
+    warm = enc[:2]
+    engine.sweep(engine.prepare(model, warm), [[h] for h in heads[-n_heads:]], "scaling", 0.5, progress=False)
+    S.screen(model, warm, "scaling", 0.5, probes=2, random_probes=1, progress=False)
     rows = []
     for method in args.methods.split(","):
         t0 = time.perf_counter()
