@@ -697,8 +697,11 @@ def run_screen(model: Any = None, data: Any = "maliciousinstruct", prompt: Any =
     lm = inputs.loaded.model
     encoded = encode(inputs.loaded.tokenizer, inputs.texts, device=getattr(lm, "device", None))
     t0 = time.perf_counter()
-    # the engine's clean pass: the exact stage needs it, and it supplies the screen's clean subspace
-    cache = pipeline.clean_cache(inputs) if (mode == "auto" or target == "gships") else None
+    # auto: the engine's clean pass, which the exact stage needs, also supplies the screen's clean
+    # subspace. A screen alone needs only the last hidden states: the Screener's own plain forward
+    # (the engine's pass records every layer's inputs and checks itself against the model's forward:
+    # 4.8 s against 1.2 s, a third of a Generalized Ships screen of Qwen2.5-0.5B on 8 prompts).
+    cache = pipeline.clean_cache(inputs) if mode == "auto" else None
     screener = Screener(lm, encoded, method, epsilon, targets=(target,), probes=probes, random_probes=random_probes,
                         subspace_probes=subspace_probes, rank=rank, center=center, batch_size=batch_size,
                         clean_hidden=cache.clean_hidden if cache is not None else None)
