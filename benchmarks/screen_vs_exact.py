@@ -96,7 +96,8 @@ def main() -> None:
         for target in ("ships", "gships"):
             t0 = time.perf_counter()
             scr = S.screen(model, enc, method, args.epsilon, targets=(target,), probes=args.probes,
-                           random_probes=args.random_probes, subspace_probes=args.subspace_probes, batch_size=args.batch_size, progress=False)
+                           random_probes=args.random_probes, subspace_probes=args.subspace_probes,
+                           batch_size=args.batch_size, progress=False)
             t_screen = time.perf_counter() - t0
             est = np.array([float(scr.head_scores(target)[a, b]) for a, b in heads])
             t0 = time.perf_counter()
@@ -147,8 +148,8 @@ def main() -> None:
                                     fisher_captured_mean=float(var.fisher_captured.mean()))
                 rows.append(vrow)
                 print(json.dumps(vrow), flush=True)
-    cols = ["method", "target", "spearman", "recall10_in_top10", "recall10_in_top20", "recall10_in_top40", "auto_top10_match",
-            "t_screen_s", "t_auto_s", "t_exact_s", "speedup_screen", "speedup_auto"]
+    cols = ["method", "target", "spearman", "recall10_in_top10", "recall10_in_top20", "recall10_in_top40",
+            "auto_top10_match", "t_screen_s", "t_auto_s", "t_exact_s", "speedup_screen", "speedup_auto"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")

@@ -507,6 +507,7 @@ class Screener:
         directions: list[torch.Tensor] = []  # each [b, D]
         if "ships" in self.targets:
             q, cap, _ = fisher_probes(self.model, h.detach(), self.probes, random_probes=self.random_probes,
+                                      # row r is prompt s.start + r: one seed per (seed, prompt index)
                                       seed=self.seed * 1_000_003 + s.start)  # q [b, m, D]
             out["captured"] = cap.double().cpu()
             out["ships"] = torch.zeros(h.shape[0], L, H, dtype=torch.float64)

@@ -94,7 +94,7 @@ def test_fewer_probes_underestimate_by_the_captured_share():
 
 
 def test_random_fisher_probes_are_unbiased_for_the_quadratic_form():
-    """½ Σ_j (q_jᵀ d)² with 1 eigen-probe + Gaussian probes of the rest (the default) averages to the
+    """½ Σ_j (q_jᵀ d)² with 1 eigen-probe + 2 Gaussian probes of the rest averages to the
     Fisher quadratic form ½ dᵀ Jᵀ(diag p − ppᵀ)J d, J taken by autograd through the LM head (the
     oracle; the tiny vocabulary is smaller than FISHER_TOKENS, so the top-token Fisher is all of it)."""
     model, enc = _model(), _encoded()
@@ -250,8 +250,7 @@ def test_screen_cli(chat_loaded, tmp_path, capsys):
     from safetyheads import manifest
     assert manifest.read(out).config["random_probes"] == 0  # the default: eigen-probes only
     sampled = tmp_path / "run_random"
-    assert main(argv[:argv.index("--out")] + ["--out", str(sampled)] + argv[argv.index("--out") + 2:]
-                + ["--random-probes", "2"]) == 0
+    assert main([str(sampled) if a == str(out) else a for a in argv] + ["--random-probes", "2"]) == 0
     assert manifest.read(sampled).config["random_probes"] == 2
     with_random, without = pd.read_csv(sampled / "screen.csv"), pd.read_csv(out / "screen.csv")
     key = ["layer", "head"]
